@@ -1,0 +1,213 @@
+"""CPU benchmark: Int8Linear forward vs NumPy float32 matmul vs the portable C path.
+
+What is timed (all in one run, same process, same threads):
+  int8       llmint8.Int8Linear forward, threshold 6, fp16 in and out, with the CPU
+             kernel this machine selects (llmint8._C.build_info()["cpu_kernel"]); includes
+             the outlier scan, quantization of x, int8 GEMM, dequantize, fp16 outliers.
+  portable   the same layer built with the portable C kernel (plain C, no intrinsics).
+  numpy f32  x @ w.T with float32 x and w (OpenBLAS from the NumPy wheel): the baseline.
+x has 0.1% outlier columns (|x| >= 6 in 4 of 4096 columns), the rest N(0, 1).
+
+Weights are rotated over enough copies that more than twice the L3 cache is touched
+between two uses of one copy: every call streams its weight from DRAM, as in a model
+far larger than the cache. Each case runs in its own block (warm-up, then repeats,
+median), so OpenMP and OpenBLAS worker threads never compete for the cores.
+
+Peak: the int8 peak is cores x GHz x (int8 multiply-adds per cycle per core) x 2 ops,
+with the instruction set's multiply throughput on this core (Zen 3: two 256-bit integer
+multiply pipes, so two vpmaddwd = 32 int8 multiply-adds per cycle on the avx2 path; the
+vnni paths count one vpdpbusd per cycle: 32 (ymm) or 64 (zmm)). The float32 peak is
+cores x GHz x 2 FMA x 8 lanes x 2 flops.
+
+Run:  python benchmarks/bench_cpu.py [--quick] [--markdown benchmarks/RESULTS_cpu.md]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+import llmint8
+from llmint8 import _C
+
+L3_BYTES = 32 << 20
+INT8_MACS_PER_CYCLE = {"portable": None, "avx2": 32, "avxvnni": 32, "avx512vnni": 64}
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+        name = next(l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name"))
+        mhz = float(next(l.split(":", 1)[1] for l in info.splitlines() if l.startswith("cpu MHz")))
+        flags = next(l.split(":", 1)[1].split() for l in info.splitlines() if l.startswith("flags"))
+        fam = next(l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("cpu family"))
+        model = next(l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model\t"))
+        return f"{name} (family {fam}, model {model})", mhz / 1000.0, flags
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown", 0.0, []
+
+
+def timeit(fn, min_reps, min_time):
+    fn()  # warm-up (first touch, thread pool start)
+    ts = []
+    t_end = time.perf_counter() + min_time
+    while len(ts) < min_reps or time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+        if len(ts) >= 200:
+            break
+    return statistics.median(ts), min(ts), len(ts)
+
+
+def rotating(objs):
+    state = {"i": 0}
+
+    def next_obj():
+        o = objs[state["i"] % len(objs)]
+        state["i"] += 1
+        return o
+
+    return next_obj
+
+
+def make_layer(kernel, w):
+    _C.set_cpu_kernel(kernel)
+    try:
+        if hasattr(llmint8, "Int8Linear"):
+            return llmint8.Int8Linear.from_float(w, threshold=6.0, device="cpu")
+        wq, ws, wo = _C.quantize_weight(w)
+        return _C.Int8Linear(wq, ws, threshold=6.0)
+    finally:
+        _C.set_cpu_kernel(None)
+
+
+def copy_bandwidth():
+    src = np.ones(256 << 20, np.uint8)
+    dst = np.empty_like(src)
+    _, t, _ = timeit(lambda: np.copyto(dst, src), 3, 0.5)
+    return 2 * src.nbytes / t / 1e9  # read + write
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="4096x4096,4096x14336", help="in x out, comma separated")
+    ap.add_argument("--tokens", default="1,8,32,128,512")
+    ap.add_argument("--min-time", type=float, default=1.0, help="seconds per case (at least --min-reps runs)")
+    ap.add_argument("--min-reps", type=int, default=5)
+    ap.add_argument("--ghz", type=float, default=0.0, help="clock for the peak (default: /proc/cpuinfo cpu MHz)")
+    ap.add_argument("--quick", action="store_true", help="4096x4096 only, tokens 1 and 32")
+    ap.add_argument("--skip-portable-above", type=int, default=10**9, help="skip the portable path above this many tokens")
+    ap.add_argument("--markdown", help="also write the results as Markdown to this file")
+    args = ap.parse_args()
+    if args.quick:
+        args.shapes, args.tokens = "4096x4096", "1,32"
+
+    model, ghz_info, flags = cpu_model()
+    ghz = args.ghz or ghz_info
+    cores = os.cpu_count() or 1
+    used = min(cores, _C.get_num_threads())  # the peak counts the cores the layer may use
+    kernel = _C.build_info()["cpu_kernel"]
+    macs = INT8_MACS_PER_CYCLE.get(kernel)
+    peak_int8 = used * ghz * macs * 2 if macs else float("nan")  # GOPS
+    peak_f32 = used * ghz * 2 * 8 * 2
+    try:
+        rev = subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), "rev-parse", "HEAD"],
+                             capture_output=True, text=True, timeout=10).stdout.strip() or "uncommitted"
+    except (OSError, subprocess.SubprocessError):
+        rev = "uncommitted"
+    simd_flags = [f for f in ("avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512_vnni") if f in flags]
+    bw = copy_bandwidth()
+    load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    head = [
+        f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, revision: {rev}",
+        f"CPU: {model}, {cores} cores, {ghz:.2f} GHz (peak computed at this clock), flags: {' '.join(simd_flags)}",
+        f"kernel: {kernel} (supported: {', '.join(_C.cpu_kernels())}), threads: {_C.get_num_threads()}, "
+        f"numpy {np.__version__}, python {platform.python_version()}",
+        f"peaks on {used} core(s): int8 {peak_int8:.0f} GOPS ({kernel}: {macs} MAC/cycle/core), "
+        f"float32 {peak_f32:.0f} GFLOPS; "
+        f"memory copy bandwidth {bw:.1f} GB/s (read + write); load average at start {load0:.2f} "
+        f"(other processes on the machine compete for its {cores} cores)",
+    ]
+    print("\n".join(head))
+
+    rows = []
+    rng = np.random.default_rng(0)
+    for shape in args.shapes.split(","):
+        k, n = (int(v) for v in shape.split("x"))
+        w16 = (rng.standard_normal((n, k)) * 0.05).astype(np.float16)
+        w32 = w16.astype(np.float32)
+        copies_f32 = max(1, -(-2 * L3_BYTES // w32.nbytes))
+        copies_i8 = max(1, -(-2 * L3_BYTES // (n * k)))
+        w32s = [w32] + [w32.copy() for _ in range(copies_f32 - 1)]
+        layers = {kern: [make_layer(kern, w16) for _ in range(copies_i8)] for kern in ("portable", kernel)}
+        ocols = rng.choice(k, max(1, k // 1000), replace=False)
+        for m in (int(t) for t in args.tokens.split(",")):
+            x16 = rng.standard_normal((m, k)).astype(np.float16)
+            x16[:, ocols] *= 8.0
+            x16[0, ocols] = 7.0  # every outlier column reaches the threshold
+            x32 = x16.astype(np.float32)
+            nw = rotating(w32s)
+            t_np, b_np, r_np = timeit(lambda: x32 @ nw().T, args.min_reps, args.min_time)
+            time.sleep(0.05)
+            nl = rotating(layers[kernel])
+            t_i8, b_i8, r_i8 = timeit(lambda: nl().forward(x16), args.min_reps, args.min_time)
+            time.sleep(0.05)
+            if m <= args.skip_portable_above:
+                npl = rotating(layers["portable"])
+                t_pt, _, _ = timeit(lambda: npl().forward(x16), 3 if m >= 128 else args.min_reps, args.min_time)
+            else:
+                t_pt = float("nan")
+            y = layers[kernel][0].forward(x16)
+            err = float(np.abs(y.astype(np.float64) - x32.astype(np.float64) @ w32.T.astype(np.float64)).mean()
+                        / np.abs(x32.astype(np.float64) @ w32.T.astype(np.float64)).mean())
+            gops = 2 * m * n * k / t_i8 / 1e9
+            target = 0.35 if m == 1 else 0.5 if m >= 32 else None
+            row = dict(shape=f"{k}x{n}", m=m, t_np=t_np * 1e3, t_pt=t_pt * 1e3, t_i8=t_i8 * 1e3,
+                       ratio=t_i8 / t_np, ratio_pt=t_pt / t_np, gops=gops, b_np=b_np * 1e3, b_i8=b_i8 * 1e3,
+                       ratio_best=b_i8 / b_np, pct=100 * gops / peak_int8,
+                       gbs=n * k / t_i8 / 1e9, target=target, reps=min(r_np, r_i8), err=err)
+            rows.append(row)
+            ok = "" if target is None else ("  ok" if row["ratio"] <= target else f"  MISS (target {target})")
+            print(f"{row['shape']:>10} m={m:<4} numpy {row['t_np']:8.2f} ms  portable {row['t_pt']:9.2f} ms  "
+                  f"int8 {row['t_i8']:8.2f} ms  int8/numpy {row['ratio']:.3f}{ok}  portable/numpy "
+                  f"{row['ratio_pt']:.2f}  {gops:6.1f} GOPS ({row['pct']:.0f}% of peak)  weight {row['gbs']:.1f} GB/s  "
+                  f"fastest runs: numpy {b_np * 1e3:.2f} int8 {b_i8 * 1e3:.2f} ms ratio {row['ratio_best']:.3f}  "
+                  f"rel.err {err:.4f}", flush=True)
+        del layers, w32s
+
+    load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"load average at end {load1:.2f}")
+    if args.markdown:
+        lines = ["# CPU benchmark: Int8Linear vs NumPy float32", ""]
+        lines += [f"- {h}" for h in head] + [f"- load average at end {load1:.2f}"]
+        lines += [
+            "- command: `python benchmarks/bench_cpu.py " + " ".join(sys.argv[1:]) + "`",
+            "",
+            "Times are medians; the last three columns use the fastest run of each (the least disturbed "
+            "by other processes).",
+            "",
+            "| in x out | tokens | numpy f32 ms | portable ms | int8 ms | int8 / numpy | target | portable / numpy "
+            "| int8 GOPS | % of int8 peak | weight GB/s | rel. error | fastest numpy ms | fastest int8 ms | ratio |",
+            "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in rows:
+            tgt = "" if r["target"] is None else (f"<= {r['target']} " + ("met" if r["ratio"] <= r["target"] else "**missed**"))
+            lines.append(f"| {r['shape']} | {r['m']} | {r['t_np']:.2f} | {r['t_pt']:.2f} | {r['t_i8']:.2f} | "
+                         f"{r['ratio']:.3f} | {tgt} | {r['ratio_pt']:.2f} | {r['gops']:.1f} | {r['pct']:.0f} | "
+                         f"{r['gbs']:.1f} | {r['err']:.4f} | {r['b_np']:.2f} | {r['b_i8']:.2f} | {r['ratio_best']:.3f} |")
+        with open(args.markdown, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        print(f"wrote {args.markdown}")
+
+
+if __name__ == "__main__":
+    main()

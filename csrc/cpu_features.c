@@ -1,0 +1,68 @@
+/* cpu_features.c: run-time CPU feature detection (cpuid + xgetbv) for kernel dispatch.
+ *
+ * Nothing is cached: cpuid costs ~100 cycles and is only asked once per layer creation
+ * or GEMM call, so there is no process-global state to guard. */
+#include <string.h>
+
+#include "cpu_features.h"
+#include "gemm.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <cpuid.h>
+#define L8_X86 1
+#endif
+
+static const char *const KERNEL_NAMES[L8_KERNEL_COUNT] = {"portable", "avx2", "avxvnni", "avx512vnni"};
+
+const char *l8_kernel_name(l8_kernel k) {
+    return (unsigned)k < L8_KERNEL_COUNT ? KERNEL_NAMES[k] : "unknown";
+}
+
+int l8_kernel_from_name(const char *s) {
+    for (int k = 0; k < L8_KERNEL_COUNT; k++)
+        if (!strcmp(s, KERNEL_NAMES[k])) return k;
+    return -1;
+}
+
+#ifdef L8_X86
+/* XCR0: which register states the OS saves (bit 1 SSE, 2 AVX, 5-7 the AVX-512 opmask/zmm). */
+static unsigned long long xgetbv0(void) {
+    unsigned lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    return ((unsigned long long)hi << 32) | lo;
+}
+#endif
+
+unsigned l8_kernels_supported(void) {
+    unsigned mask = 1u << L8_KERNEL_PORTABLE;
+#ifdef L8_X86
+    unsigned a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return mask;
+    const int osxsave = (c >> 27) & 1, avx = (c >> 28) & 1, fma = (c >> 12) & 1, f16c = (c >> 29) & 1;
+    if (!osxsave || !avx) return mask;
+    const unsigned long long xcr0 = xgetbv0();
+    if ((xcr0 & 0x6) != 0x6) return mask; /* OS does not save ymm */
+    if (__get_cpuid_max(0, NULL) < 7) return mask;
+    __cpuid_count(7, 0, a, b, c, d);
+    const int avx2 = (b >> 5) & 1, avx512f = (b >> 16) & 1, avx512bw = (b >> 30) & 1,
+              avx512vl = (b >> 31) & 1, avx512vnni = (c >> 11) & 1;
+    unsigned a1, b1, c1, d1;
+    __cpuid_count(7, 1, a1, b1, c1, d1);
+    const int avxvnni = (a1 >> 4) & 1;
+    (void)b1; (void)c1; (void)d1; (void)d;
+    if (!(avx2 && fma && f16c)) return mask;
+    mask |= 1u << L8_KERNEL_AVX2;
+    if (avxvnni) mask |= 1u << L8_KERNEL_AVXVNNI;
+    if (avx512f && avx512bw && avx512vl && avx512vnni && (xcr0 & 0xE6) == 0xE6) mask |= 1u << L8_KERNEL_AVX512VNNI;
+#endif
+    for (int k = 1; k < L8_KERNEL_COUNT; k++) /* and compiled in (AVX-VNNI needs GCC 11 / Clang 12) */
+        if (!l8_x86_kernel_ops((l8_kernel)k)) mask &= ~(1u << k);
+    return mask;
+}
+
+l8_kernel l8_kernel_best(void) {
+    const unsigned s = l8_kernels_supported();
+    for (int k = L8_KERNEL_COUNT - 1; k > 0; k--)
+        if (s & (1u << k)) return (l8_kernel)k;
+    return L8_KERNEL_PORTABLE;
+}

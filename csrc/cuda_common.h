@@ -1,0 +1,111 @@
+/* cuda_common.h: what the CUDA backend's C and CUDA files share.
+ *
+ * - One status check (L8_CHECK_GEN) for cudaError_t and cublasStatus_t: it records the
+ *   failing expression, file and line in an l8_status (MemoryError for out-of-memory,
+ *   RuntimeError otherwise) and jumps to the function's `fail:` label.
+ * - The CUDA context (l8_cuda_ctx): everything the module holds for CUDA (per-device
+ *   cuBLASLt handle, workspace, algorithm cache, current stream). It lives in the
+ *   module state (l8_state.cuda); there are no process globals.
+ * - The C API of the CUDA files, callable from C (module.c, device_array.c).
+ *
+ * Every function here runs without the GIL and never touches Python objects.
+ * Build with LLMINT8_CUDA=1 (setup.py defines it when nvcc is found).
+ */
+#ifndef LLMINT8_CUDA_COMMON_H
+#define LLMINT8_CUDA_COMMON_H
+
+#ifdef LLMINT8_CUDA
+
+#include <cuda_runtime_api.h>
+#include <cublasLt.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#include "common.h"
+#include "linear.h"
+
+/* ---------------------------------------------------------------- status checks */
+
+/* Fill *st from a failed CUDA / cuBLAS status; both return -1. */
+int l8_cuda_fail(l8_status *st, cudaError_t e, const char *expr, const char *file, int line);
+int l8_cublas_fail(l8_status *st, cublasStatus_t e, const char *expr, const char *file, int line);
+
+/* Evaluate expr once; on failure record it and `goto fail`. */
+#define L8_CHECK_GEN(T, OK, FAILFN, st, expr)                        \
+    do {                                                             \
+        T l8_rc_ = (expr);                                           \
+        if (l8_rc_ != (OK)) {                                        \
+            FAILFN((st), l8_rc_, #expr, __FILE__, __LINE__);         \
+            goto fail;                                               \
+        }                                                            \
+    } while (0)
+#define L8_CUDA_CHECK(st, expr) L8_CHECK_GEN(cudaError_t, cudaSuccess, l8_cuda_fail, st, expr)
+#define L8_CUBLAS_CHECK(st, expr) L8_CHECK_GEN(cublasStatus_t, CUBLAS_STATUS_SUCCESS, l8_cublas_fail, st, expr)
+/* after every kernel launch */
+#define L8_LAUNCH_CHECK(st) L8_CUDA_CHECK(st, cudaGetLastError())
+
+/* ---------------------------------------------------------------- context */
+
+typedef struct l8_cuda_ctx l8_cuda_ctx;
+
+/* Number of usable devices, 0 when there is no device or driver (never fails).
+ * When 0 and why != NULL, *why gets the CUDA error text. */
+int l8_cuda_device_count(const char **why);
+
+/* A new, empty context (no CUDA call is made until a device is first used). NULL when
+ * out of host memory. */
+l8_cuda_ctx *l8_cuda_ctx_new(void);
+/* Destroy handles, workspaces and cached algorithms. Safe on NULL. */
+void l8_cuda_ctx_free(l8_cuda_ctx *ctx);
+/* Make `device` ready (cuBLASLt handle, workspace, memory pool threshold): fails with a
+ * RuntimeError naming the CUDA error when the device cannot be used. */
+int l8_cuda_ctx_device(l8_cuda_ctx *ctx, int device, l8_status *st);
+/* The stream all work is queued on (0: the legacy default stream). */
+cudaStream_t l8_cuda_ctx_stream(const l8_cuda_ctx *ctx);
+void l8_cuda_ctx_set_stream(l8_cuda_ctx *ctx, cudaStream_t s);
+/* Wait on the host for the current stream; for the legacy default stream, for that stream
+ * of every device the context has made ready (RuntimeError when none was and CUDA cannot
+ * be used). */
+int l8_cuda_ctx_synchronize(l8_cuda_ctx *ctx, l8_status *st);
+
+/* Stream-ordered temporaries from the device's default memory pool (device must be
+ * current). l8_cuda_free ignores NULL and errors (it runs on cleanup paths). */
+int l8_cuda_alloc(void **p, size_t bytes, cudaStream_t s, l8_status *st);
+void l8_cuda_free(void *p, cudaStream_t s);
+
+/* Switch the calling thread to `device`, returning the previous device in *prev. */
+int l8_cuda_push_device(int device, int *prev, l8_status *st);
+void l8_cuda_pop_device(int prev);
+
+/* ---------------------------------------------------------------- ops */
+
+/* The CUDA Int8Linear backend (linear_cuda.cu). Its forward_host copies through the
+ * context's current stream and synchronizes it. */
+extern const l8_backend l8_cuda_backend;
+
+/* y (m, out) = layer(x (m, in)) with x and y in device memory on L->device, all work
+ * queued on `s`, no host synchronization. x float16/float32, y float16/float32. */
+int l8_cuda_linear_forward(const l8_layer *L, const void *x, l8_dtype xt, int64_t m, void *y, l8_dtype yt,
+                           cudaStream_t s, l8_status *st);
+
+/* Exact int8 GEMM on device memory: C (m, n) int32 = A (m, k) int8 @ B (n, k)^T.
+ * path: 0 auto, 1 the small-m GEMV kernel (m <= L8_CUDA_GEMV_MAX_M), 2 cuBLASLt. */
+int l8_cuda_int8_matmul(l8_cuda_ctx *ctx, int device, const int8_t *A, const int8_t *B, int64_t m, int64_t n,
+                        int64_t k, int32_t *C, int path, cudaStream_t s, l8_status *st);
+
+/* fp16 linear through cuBLASLt: y (m, n) = x (m, k) @ w (n, k)^T + bias (n,) (bias may
+ * be NULL), fp16 in and out, fp32 accumulation, bias fused as a cuBLASLt epilogue. */
+int l8_cuda_fp16_linear(l8_cuda_ctx *ctx, int device, const void *x, const void *w, const void *bias, void *y,
+                        int64_t m, int64_t n, int64_t k, cudaStream_t s, l8_status *st);
+
+/* Largest m served by the GEMV kernel instead of cuBLASLt. */
+#define L8_CUDA_GEMV_MAX_M 8
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* LLMINT8_CUDA */
+#endif /* LLMINT8_CUDA_COMMON_H */

@@ -1,0 +1,218 @@
+/* gemm.c: int8 GEMM on the CPU: the reference loop, the portable blocked driver, and
+ * packing + the tile driver for the SIMD kernels of gemm_x86.c.
+ *
+ * Portable kernel: a 1 x 4 block of dot products so each A row slice is read once for
+ * four B rows; plain C that GCC and Clang vectorize for the baseline ISA.
+ * SIMD kernels: B is packed once (l8_pack_b, layouts in gemm.h), A is staged per call
+ * in the kernel's element type, and the same (MB x NB) tile walk hands each finished
+ * tile to the epilogue. Which kernel runs is the caller's choice (cpu_features.h). */
+#if defined(__linux__) && !defined(_DEFAULT_SOURCE)
+#define _DEFAULT_SOURCE /* madvise, MADV_HUGEPAGE */
+#endif
+#include <stdlib.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+#include "gemm.h"
+
+_Static_assert(L8_GEMM_MB > 0 && L8_GEMM_NB % 4 == 0, "tile sizes: NB must be a multiple of the 4-wide kernel");
+_Static_assert((int64_t)127 * 127 * L8_GEMM_MAX_K <= INT32_MAX, "int32 accumulator bound");
+
+/* ------------------------------------------------------------------ reference */
+void l8_gemm_s8_ref(const int8_t *A, const int8_t *B, int64_t m, int64_t n, int64_t k, int32_t *C) {
+    for (int64_t i = 0; i < m; i++)
+        for (int64_t j = 0; j < n; j++) {
+            int32_t s = 0;
+            for (int64_t p = 0; p < k; p++) s += (int32_t)A[i * k + p] * (int32_t)B[j * k + p];
+            C[i * n + j] = s;
+        }
+}
+
+/* ------------------------------------------------------------------ kernels */
+static void dot_1x4(const int8_t *restrict a, const int8_t *restrict b0, const int8_t *restrict b1,
+                    const int8_t *restrict b2, const int8_t *restrict b3, int64_t kc, int32_t *out) {
+    int32_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    for (int64_t p = 0; p < kc; p++) {
+        const int32_t av = a[p];
+        s0 += av * b0[p];
+        s1 += av * b1[p];
+        s2 += av * b2[p];
+        s3 += av * b3[p];
+    }
+    out[0] += s0; out[1] += s1; out[2] += s2; out[3] += s3;
+}
+
+static int32_t dot_1x1(const int8_t *restrict a, const int8_t *restrict b, int64_t kc) {
+    int32_t s = 0;
+    for (int64_t p = 0; p < kc; p++) s += (int32_t)a[p] * (int32_t)b[p];
+    return s;
+}
+
+static void tile(const int8_t *A, const int8_t *B, int64_t k, int64_t i0, int64_t j0, int64_t mb,
+                 int64_t nb, int32_t *acc) {
+    memset(acc, 0, sizeof(int32_t) * L8_GEMM_MB * L8_GEMM_NB);
+    for (int64_t p0 = 0; p0 < k; p0 += L8_GEMM_KC) {
+        const int64_t kc = k - p0 < L8_GEMM_KC ? k - p0 : L8_GEMM_KC;
+        for (int64_t r = 0; r < mb; r++) {
+            const int8_t *a = A + (i0 + r) * k + p0;
+            int32_t *o = acc + r * L8_GEMM_NB;
+            int64_t c = 0;
+            for (; c + 4 <= nb; c += 4) {
+                const int8_t *b = B + (j0 + c) * k + p0;
+                dot_1x4(a, b, b + k, b + 2 * k, b + 3 * k, kc, o + c);
+            }
+            for (; c < nb; c++) o[c] += dot_1x1(a, B + (j0 + c) * k + p0, kc);
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ driver */
+void l8_gemm_s8(const int8_t *A, const int8_t *B, int64_t m, int64_t n, int64_t k,
+                l8_epilogue ep, void *ctx, int nthreads) {
+    (void)nthreads;
+    const int64_t tm = (m + L8_GEMM_MB - 1) / L8_GEMM_MB, tn = (n + L8_GEMM_NB - 1) / L8_GEMM_NB;
+    const int64_t ntiles = tm * tn;
+#ifdef LLMINT8_OPENMP
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (m * n * k > 262144)
+#endif
+    for (int64_t t = 0; t < ntiles; t++) {
+        /* n-major tile order: neighbouring tiles share the same weight panel */
+        const int64_t ti = t % tm, tj = t / tm;
+        const int64_t i0 = ti * L8_GEMM_MB, j0 = tj * L8_GEMM_NB;
+        const int64_t mb = m - i0 < L8_GEMM_MB ? m - i0 : L8_GEMM_MB;
+        const int64_t nb = n - j0 < L8_GEMM_NB ? n - j0 : L8_GEMM_NB;
+        int32_t acc[L8_GEMM_MB * L8_GEMM_NB];
+        tile(A, B, k, i0, j0, mb, nb, acc);
+        ep(ctx, i0, j0, mb, nb, acc, L8_GEMM_NB);
+    }
+}
+
+void l8_epilogue_store(void *ctx, int64_t i0, int64_t j0, int64_t mb, int64_t nb,
+                       const int32_t *acc, int64_t ldacc) {
+    l8_store_ctx *s = ctx;
+    for (int64_t r = 0; r < mb; r++)
+        memcpy(s->C + (i0 + r) * s->ldc + j0, acc + r * ldacc, sizeof(int32_t) * (size_t)nb);
+}
+
+/* ------------------------------------------------------------------ packed weights */
+_Static_assert(L8_GEMM_NB % L8_PACK_NR == 0, "a tile holds whole panels");
+
+/* k values per group in a panel: 2 for avx2's int16 pairs, 4 for vpdpbusd's quads. */
+static int64_t pack_group(l8_kernel kern) { return kern == L8_KERNEL_AVX2 ? 2 : 4; }
+
+static size_t pack_offset(const l8_packed_b *pb, int64_t j, int64_t p) {
+    const int64_t g = pack_group(pb->kernel), panel = j / L8_PACK_NR, r = j % L8_PACK_NR;
+    return (size_t)(panel * L8_PACK_NR * pb->kp + (p / g) * (L8_PACK_NR * g) + r * g + p % g);
+}
+
+/* Zeroed memory for a packed weight. Large ones are 2 MiB aligned and marked for
+ * transparent huge pages: the GEMM streams the weight, and with 4 KiB pages every
+ * page boundary costs a TLB miss and stops the hardware prefetcher. */
+static void *alloc_packed(size_t bytes) {
+    enum { HUGE = 2 << 20 };
+    void *p;
+    if (bytes < HUGE) {
+        p = calloc(bytes ? bytes : 1, 1);
+    } else {
+        const size_t rounded = (bytes + HUGE - 1) / HUGE * HUGE;
+        if (!(p = aligned_alloc(HUGE, rounded))) return NULL;
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+        (void)madvise(p, rounded, MADV_HUGEPAGE); /* advice only: failure just means small pages */
+#endif
+        memset(p, 0, bytes);
+    }
+    return p;
+}
+
+int l8_pack_b(l8_kernel kern, const int8_t *B, int64_t n, int64_t k, l8_packed_b *pb) {
+    const l8_kernel_ops *ops = l8_x86_kernel_ops(kern);
+    memset(pb, 0, sizeof *pb);
+    pb->kernel = ops ? kern : L8_KERNEL_PORTABLE;
+    pb->n = n;
+    pb->k = k;
+    pb->np = ops ? (n + L8_PACK_NR - 1) / L8_PACK_NR * L8_PACK_NR : n;
+    pb->kp = ops ? (k + L8_PACK_KQ - 1) / L8_PACK_KQ * L8_PACK_KQ : k;
+    const size_t bytes = (size_t)pb->np * (size_t)pb->kp;
+    pb->data = ops ? alloc_packed(bytes) : l8_malloc_array(bytes, 1);
+    if (ops && pb->kernel != L8_KERNEL_AVX2) pb->corr = l8_malloc_array((size_t)pb->np, sizeof(int32_t));
+    if (!pb->data || (ops && pb->kernel != L8_KERNEL_AVX2 && !pb->corr)) {
+        l8_packed_b_free(pb);
+        return -1;
+    }
+    pb->nbytes = bytes + (pb->corr ? (size_t)pb->np * sizeof(int32_t) : 0);
+    if (ops)
+        ops->pack(B, pb);
+    else
+        memcpy(pb->data, B, bytes);
+    return 0;
+}
+
+void l8_packed_b_free(l8_packed_b *pb) {
+    free(pb->data);
+    free(pb->corr);
+    pb->data = NULL;
+    pb->corr = NULL;
+    pb->nbytes = 0;
+}
+
+void l8_unpack_b(const l8_packed_b *pb, int8_t *B) {
+    if (pb->kernel == L8_KERNEL_PORTABLE) {
+        memcpy(B, pb->data, (size_t)pb->n * (size_t)pb->k);
+        return;
+    }
+    for (int64_t j = 0; j < pb->n; j++)
+        for (int64_t p = 0; p < pb->k; p++) B[j * pb->k + p] = pb->data[pack_offset(pb, j, p)];
+}
+
+void l8_packed_b_column(const l8_packed_b *pb, int64_t p, int8_t *col) {
+    if (pb->kernel == L8_KERNEL_PORTABLE) {
+        for (int64_t j = 0; j < pb->n; j++) col[j] = pb->data[j * pb->k + p];
+        return;
+    }
+    /* within a panel, rows are g bytes apart; panels are 16 * kp bytes apart. Each panel
+     * is one cache line away from the last, so the loads are latency-bound misses: ask
+     * for the lines a few panels ahead. */
+    const int64_t g = pack_group(pb->kernel), stride = L8_PACK_NR * pb->kp, ahead = 16;
+    const int8_t *src = pb->data + pack_offset(pb, 0, p);
+    for (int64_t j0 = 0; j0 < pb->n; j0 += L8_PACK_NR) {
+        const int8_t *panel = src + (j0 / L8_PACK_NR) * stride;
+#if defined(__GNUC__)
+        if (j0 + ahead * L8_PACK_NR < pb->n) __builtin_prefetch(panel + ahead * stride);
+#endif
+        for (int64_t r = 0; r < L8_PACK_NR && j0 + r < pb->n; r++) col[j0 + r] = panel[r * g];
+    }
+}
+
+/* ------------------------------------------------------------------ packed driver */
+int l8_gemm_s8_packed(const int8_t *A, int64_t m, const l8_packed_b *B, l8_epilogue ep, void *ctx, int nthreads) {
+    const l8_kernel_ops *ops = l8_x86_kernel_ops(B->kernel);
+    if (!ops) {
+        l8_gemm_s8(A, B->data, m, B->n, B->k, ep, ctx, nthreads);
+        return 0;
+    }
+    const int64_t n = B->n, kp = B->kp;
+    if (m == 0 || n == 0) return 0;
+    void *As = l8_malloc_array((size_t)m * (size_t)kp, ops->a_elem);
+    if (!As) return -1;
+    ops->stage_a(A, m, B->k, kp, As);
+    (void)nthreads;
+    const int64_t tm = (m + L8_GEMM_MB - 1) / L8_GEMM_MB, tn = (n + L8_GEMM_NB - 1) / L8_GEMM_NB;
+    const int64_t ntiles = tm * tn;
+#ifdef LLMINT8_OPENMP
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (m * n * kp > 262144)
+#endif
+    for (int64_t t = 0; t < ntiles; t++) {
+        /* m-fastest tile order: tiles running at the same time share one weight panel */
+        const int64_t ti = t % tm, tj = t / tm;
+        const int64_t i0 = ti * L8_GEMM_MB, j0 = tj * L8_GEMM_NB;
+        const int64_t mb = m - i0 < L8_GEMM_MB ? m - i0 : L8_GEMM_MB;
+        const int64_t nb = n - j0 < L8_GEMM_NB ? n - j0 : L8_GEMM_NB;
+        int32_t acc[L8_GEMM_MB * L8_GEMM_NB];
+        if (kp == 0) memset(acc, 0, sizeof acc); /* k = 0: no k slice writes the tile */
+        ops->tile(As, B, i0, mb, j0, nb, acc);
+        ep(ctx, i0, j0, mb, nb, acc, L8_GEMM_NB);
+    }
+    free(As);
+    return 0;
+}

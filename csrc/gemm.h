@@ -1,0 +1,90 @@
+/* gemm.h: int8 x int8 -> int32 GEMM on the CPU, C = A @ B.T.
+ *
+ * A is (m, k) and B is (n, k), both row-major int8, so every output is a dot product
+ * of two contiguous rows (the layout of activations and nn.Linear weights). The
+ * driver walks (MB x NB) output tiles in parallel and hands each finished int32 tile
+ * to an epilogue, which is where dequantization, bias and the fp16 outlier product
+ * are applied (linear_cpu.c): the int32 product never exists as a whole matrix. */
+#ifndef LLMINT8_GEMM_H
+#define LLMINT8_GEMM_H
+
+#include "common.h"
+#include "cpu_features.h"
+
+#define L8_GEMM_MB 32
+#define L8_GEMM_NB 64
+#define L8_GEMM_KC 2048 /* k is processed in slices that keep both panels in L2 */
+
+/* Called once per finished tile: acc[r * ldacc + c] holds C[i0 + r, j0 + c] for
+ * r < mb, c < nb. Runs on the thread that computed the tile. */
+typedef void (*l8_epilogue)(void *ctx, int64_t i0, int64_t j0, int64_t mb, int64_t nb,
+                            const int32_t *acc, int64_t ldacc);
+
+/* Blocked, OpenMP-parallel driver. Exact for any m, n, k >= 0 (int32 holds the sum
+ * for k < 2^17 at the worst case 127 * 127 * k; the entry point checks k). */
+void l8_gemm_s8(const int8_t *A, const int8_t *B, int64_t m, int64_t n, int64_t k,
+                l8_epilogue ep, void *ctx, int nthreads);
+
+/* The plain triple loop: the oracle for l8_gemm_s8 and every other backend. */
+void l8_gemm_s8_ref(const int8_t *A, const int8_t *B, int64_t m, int64_t n, int64_t k, int32_t *C);
+
+/* Epilogue that stores the int32 tile into ctx, an (m, n) int32 matrix (ld = n). */
+typedef struct { int32_t *C; int64_t ldc; } l8_store_ctx;
+void l8_epilogue_store(void *ctx, int64_t i0, int64_t j0, int64_t mb, int64_t nb,
+                       const int32_t *acc, int64_t ldacc);
+
+/* Largest k for which the int32 accumulator cannot overflow. */
+#define L8_GEMM_MAX_K ((int64_t)(INT32_MAX / (128 * 128)))
+
+/* ---- packed weights and kernel dispatch ---------------------------------------
+ * B (n, k) is packed once (at layer creation) into the layout its kernel reads:
+ *   portable:            the canonical (n, k) rows, unpadded.
+ *   avx2:                panels of 16 rows, [np/16][kp/2][16][2]: for every pair of k,
+ *                        the 16 rows' two bytes side by side (one vpmovsxbw per 8 rows).
+ *   avxvnni, avx512vnni: panels of 16 rows, [np/16][kp/4][16][4]: four k per int32
+ *                        lane, the vpdpbusd operand; corr[j] = 128 * sum_p B[j, p]
+ *                        undoes the +128 that makes A unsigned.
+ * np = n rounded up to 16, kp = k rounded up to 4; the padding is zero. */
+#define L8_PACK_NR 16 /* rows of B per panel: the micro-kernel's output columns */
+#define L8_PACK_KQ 4  /* k is padded to a multiple of this */
+
+typedef struct {
+    l8_kernel kernel;
+    int64_t n, k;   /* logical shape */
+    int64_t np, kp; /* padded shape (portable: n, k) */
+    int8_t *data;
+    int32_t *corr;  /* (np,) for the vnni kernels, else NULL */
+    size_t nbytes;  /* bytes held by data and corr */
+} l8_packed_b;
+
+/* Pack B (n, k) for kernel `kern` into *pb (allocated here). -1 when out of memory. */
+int l8_pack_b(l8_kernel kern, const int8_t *B, int64_t n, int64_t k, l8_packed_b *pb);
+void l8_packed_b_free(l8_packed_b *pb);
+/* The canonical (n, k) matrix read back from the packed layout. */
+void l8_unpack_b(const l8_packed_b *pb, int8_t *B);
+/* Column p of B: col[j] = B[j, p] for j < n. */
+void l8_packed_b_column(const l8_packed_b *pb, int64_t p, int8_t *col);
+
+/* C = A (m, k) @ B.T with B packed, through the epilogue (same contract as l8_gemm_s8).
+ * Exact for every int8 value of A and B, -128 included. -1 when out of memory
+ * (the SIMD kernels stage A in their own layout). */
+int l8_gemm_s8_packed(const int8_t *A, int64_t m, const l8_packed_b *B, l8_epilogue ep, void *ctx, int nthreads);
+
+/* The SIMD kernels (gemm_x86.c); each function is compiled for its own instruction set
+ * and must only be called when l8_kernels_supported() has that kernel. */
+typedef struct {
+    size_t a_elem; /* bytes per staged A element */
+    /* A (m, k) int8 -> dst (m, kp) in the kernel's element type, padding zero. */
+    void (*stage_a)(const int8_t *A, int64_t m, int64_t k, int64_t kp, void *dst);
+    /* acc (mb x nb of the (L8_GEMM_MB x L8_GEMM_NB) tile) = staged A rows [i0, i0 + mb) @ B
+     * rows [j0, j0 + nb).T, exact int32; j0 is a multiple of L8_PACK_NR. */
+    void (*tile)(const void *As, const l8_packed_b *B, int64_t i0, int64_t mb, int64_t j0, int64_t nb,
+                 int32_t *acc);
+    /* Pack B (n, k) into pb->data (np * kp bytes, zeroed by the caller) and pb->corr. */
+    void (*pack)(const int8_t *B, l8_packed_b *pb);
+} l8_kernel_ops;
+
+/* The ops of a SIMD kernel, or NULL for portable and for kernels not compiled in. */
+const l8_kernel_ops *l8_x86_kernel_ops(l8_kernel kern);
+
+#endif

@@ -1,0 +1,306 @@
+/* gemm_x86.c: the x86 SIMD int8 GEMM kernels (AVX2, AVX-VNNI, AVX-512 VNNI).
+ *
+ * C = A @ B.T with B packed by l8_pack_b (layouts in gemm.h), exact int32 for every
+ * int8 value, -128 included. Each function carries its own target attribute, so this
+ * file builds without -march flags and the wheel runs on any x86-64; gemm.c calls a
+ * kernel only after cpu_features.c has found it supported. Oracle: l8_gemm_s8_ref.
+ *
+ * Micro-kernel: MR = 4 rows of A times one panel of NR = 16 rows of B, accumulated
+ * in registers over a k slice of at most KC (the 16 x KC panel slice stays in L1
+ * while the rows of the tile stream past it).
+ *
+ *   avx2:   A staged as int16; per pair of k, two vpmovsxbw widen the panel's 32 bytes
+ *           and vpmaddwd (a[p], a[p+1]) x (b[j][p], b[j][p+1]) adds both products into
+ *           int32 lane j. int16 x int16 cannot saturate (|pair| <= 2 * 128 * 128), so
+ *           -128 needs no special case. vpmaddubsw would need a sign trick (abs(a),
+ *           sign(b, a)) that is wrong for -128 and issues as many multiplies per
+ *           product (vpmaddubsw + vpmaddwd per 32 products, like two vpmaddwd); on
+ *           Zen 3 it ran at 68 int8 multiply-adds/ns per core against 77 for this one
+ *           (L1-resident operands; benchmarks/avx2_microkernels.c).
+ *   vnni:   A staged as a + 128 (u8); vpdpbusd adds four u8 x s8 products per lane,
+ *           without saturation; the tile subtracts corr[j] = 128 * sum_p B[j, p]. Sums
+ *           may pass INT32_MAX midway, but int32 lanes wrap and the true result fits,
+ *           so the result is exact.
+ */
+#include <stdlib.h>
+
+#include "gemm.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+
+#define MR 4
+#define KC 1024
+#define PREFETCH 1024 /* bytes ahead in the panel: streaming the weight from DRAM at 1-4 tokens */
+_Static_assert(KC % L8_PACK_KQ == 0, "k slices keep whole k groups");
+_Static_assert(L8_GEMM_NB % L8_PACK_NR == 0 && L8_PACK_NR == 16, "tile and panel widths");
+_Static_assert(L8_GEMM_NB == 4 * L8_PACK_NR, "gemv4_avx2 covers a tile with four panels");
+
+/* AVX-VNNI intrinsics arrived in GCC 11 and Clang 12. */
+#if (defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && __GNUC__ >= 11)
+#define L8_HAVE_AVXVNNI 1
+#endif
+
+/* ------------------------------------------------------------------ staging and packing */
+static void stage_a_i16(const int8_t *A, int64_t m, int64_t k, int64_t kp, void *dst) {
+    int16_t *d = dst;
+    for (int64_t i = 0; i < m; i++) {
+        for (int64_t p = 0; p < k; p++) d[i * kp + p] = A[i * k + p];
+        for (int64_t p = k; p < kp; p++) d[i * kp + p] = 0;
+    }
+}
+
+static void stage_a_u8(const int8_t *A, int64_t m, int64_t k, int64_t kp, void *dst) {
+    uint8_t *d = dst;
+    for (int64_t i = 0; i < m; i++) {
+        for (int64_t p = 0; p < k; p++) d[i * kp + p] = (uint8_t)((uint8_t)A[i * k + p] ^ 0x80u); /* a + 128 */
+        for (int64_t p = k; p < kp; p++) d[i * kp + p] = 0x80u; /* B is zero there */
+    }
+}
+
+/* Panels of 16 rows, k in groups of G: [np/16][kp/G][16][G]; padding stays zero.
+ * G is a constant in each caller, so the index arithmetic is shifts. */
+static inline __attribute__((always_inline)) void pack_groups(const int8_t *B, l8_packed_b *pb, const int64_t G) {
+    const int64_t n = pb->n, k = pb->k, kp = pb->kp;
+    for (int64_t j = 0; j < n; j++) {
+        int8_t *panel = pb->data + (j / L8_PACK_NR) * L8_PACK_NR * kp + (j % L8_PACK_NR) * G;
+        const int8_t *row = B + j * k;
+        for (int64_t p = 0; p < k; p++) panel[(p / G) * (L8_PACK_NR * G) + p % G] = row[p];
+    }
+}
+
+static void pack_pairs(const int8_t *B, l8_packed_b *pb) { pack_groups(B, pb, 2); }
+
+static void pack_quads(const int8_t *B, l8_packed_b *pb) {
+    pack_groups(B, pb, 4);
+    for (int64_t j = 0; j < pb->np; j++) {
+        int32_t s = 0;
+        for (int64_t p = 0; j < pb->n && p < pb->k; p++) s += B[j * pb->k + p];
+        pb->corr[j] = 128 * s; /* |s| <= 128 k, so 128 s fits int32 for k <= L8_GEMM_MAX_K */
+    }
+}
+
+static inline int32_t load_i32(const void *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+/* The tile loop shared by all kernels: k slices, then panels, then MR-row blocks. */
+#define TILE_LOOP(UKR, ATYPE)                                                                        \
+    const ATYPE *A = As;                                                                             \
+    const int64_t kp = B->kp;                                                                        \
+    /* one row block: no panel slice is reused, so stream each panel whole */                     \
+    const int64_t kcmax = mb <= MR ? kp : KC;                                                        \
+    for (int64_t p0 = 0; p0 < kp; p0 += kcmax) {                                                     \
+        const int64_t kc = kp - p0 < kcmax ? kp - p0 : kcmax;                                        \
+        for (int64_t jb = 0; jb < nb; jb += L8_PACK_NR) {                                            \
+            const int8_t *b = B->data + (j0 + jb) * kp + p0 * L8_PACK_NR;                            \
+            for (int64_t ib = 0; ib < mb; ib += MR) {                                                \
+                const ATYPE *a = A + (i0 + ib) * kp + p0;                                            \
+                int32_t *c = acc + ib * L8_GEMM_NB + jb;                                             \
+                switch (mb - ib < MR ? mb - ib : MR) {                                               \
+                case 1: UKR(a, kp, b, kc, c, 1, p0 > 0); break;                                      \
+                case 2: UKR(a, kp, b, kc, c, 2, p0 > 0); break;                                      \
+                case 3: UKR(a, kp, b, kc, c, 3, p0 > 0); break;                                      \
+                default: UKR(a, kp, b, kc, c, 4, p0 > 0); break;                                     \
+                }                                                                                    \
+            }                                                                                        \
+        }                                                                                            \
+    }
+
+/* acc[r, c] -= corr[j0 + c]: undo the +128 on A (wrapping, see the top comment). */
+static void subtract_corr(const l8_packed_b *B, int64_t mb, int64_t j0, int64_t nb, int32_t *acc) {
+    for (int64_t r = 0; r < mb; r++)
+        for (int64_t c = 0; c < nb; c++)
+            acc[r * L8_GEMM_NB + c] = (int32_t)((uint32_t)acc[r * L8_GEMM_NB + c] - (uint32_t)B->corr[j0 + c]);
+}
+
+/* ------------------------------------------------------------------ AVX2 */
+#define T_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+/* 16 int32 results of one row into the tile, added to what the previous k slices left. */
+static inline __attribute__((always_inline)) T_AVX2 void store_row(int32_t *c, __m256i v0, __m256i v1,
+                                                                     int accumulate) {
+    __m256i *o = (__m256i *)c;
+    if (accumulate) {
+        v0 = _mm256_add_epi32(v0, _mm256_loadu_si256(o));
+        v1 = _mm256_add_epi32(v1, _mm256_loadu_si256(o + 1));
+    }
+    _mm256_storeu_si256(o, v0);
+    _mm256_storeu_si256(o + 1, v1);
+}
+
+/* Accumulators are named variables (GCC spills an array of vectors), pinned to registers
+ * after each step: otherwise GCC reassociates the sums across steps, which needs more
+ * registers than AVX2 has and spills. */
+#define PIN(v) __asm__("" : "+x"(v))
+
+#define AVX2_STEP(q)                                                                                   \
+    do {                                                                                               \
+        const __m256i b0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b + (q) * L8_PACK_NR)));      \
+        const __m256i b1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b + (q) * L8_PACK_NR + 16))); \
+        __m256i av = _mm256_set1_epi32(load_i32(a0 + (q)));                                            \
+        c00 = _mm256_add_epi32(c00, _mm256_madd_epi16(av, b0));                                        \
+        c01 = _mm256_add_epi32(c01, _mm256_madd_epi16(av, b1));                                        \
+        PIN(c00); PIN(c01);                                                                            \
+        if (mr > 1) {                                                                                  \
+            av = _mm256_set1_epi32(load_i32(a1 + (q)));                                                \
+            c10 = _mm256_add_epi32(c10, _mm256_madd_epi16(av, b0));                                    \
+            c11 = _mm256_add_epi32(c11, _mm256_madd_epi16(av, b1));                                    \
+            PIN(c10); PIN(c11);                                                                        \
+        }                                                                                              \
+        if (mr > 2) {                                                                                  \
+            av = _mm256_set1_epi32(load_i32(a2 + (q)));                                                \
+            c20 = _mm256_add_epi32(c20, _mm256_madd_epi16(av, b0));                                    \
+            c21 = _mm256_add_epi32(c21, _mm256_madd_epi16(av, b1));                                    \
+            PIN(c20); PIN(c21);                                                                        \
+        }                                                                                              \
+        if (mr > 3) {                                                                                  \
+            av = _mm256_set1_epi32(load_i32(a3 + (q)));                                                \
+            c30 = _mm256_add_epi32(c30, _mm256_madd_epi16(av, b0));                                    \
+            c31 = _mm256_add_epi32(c31, _mm256_madd_epi16(av, b1));                                    \
+            PIN(c30); PIN(c31);                                                                        \
+        }                                                                                              \
+    } while (0)
+
+static inline __attribute__((always_inline)) T_AVX2 void ukr_avx2(const int16_t *a, int64_t lda, const int8_t *b,
+                                                                    int64_t kc, int32_t *c, const int mr,
+                                                                    int accumulate) {
+    __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00,
+            c31 = c00;
+    const int16_t *a0 = a, *a1 = a + lda, *a2 = a + 2 * lda, *a3 = a + 3 * lda;
+    for (int64_t q = 0; q < kc; q += 4) { /* kc is a multiple of 4: two k pairs per trip */
+        _mm_prefetch((const char *)(b + q * L8_PACK_NR + PREFETCH), _MM_HINT_T0);
+        AVX2_STEP(q);
+        AVX2_STEP(q + 2);
+    }
+    store_row(c, c00, c01, accumulate);
+    if (mr > 1) store_row(c + L8_GEMM_NB, c10, c11, accumulate);
+    if (mr > 2) store_row(c + 2 * L8_GEMM_NB, c20, c21, accumulate);
+    if (mr > 3) store_row(c + 3 * L8_GEMM_NB, c30, c31, accumulate);
+}
+
+/* One row of A against four panels (64 columns) at once: at one token the weight streams
+ * from DRAM, and four streams keep more cache-line fetches in flight than one. */
+#define GEMV_PANEL(t, q)                                                                               \
+    do {                                                                                               \
+        const int8_t *bt = b + (t) * L8_PACK_NR * kp + (q) * L8_PACK_NR;                               \
+        s##t##0 = _mm256_add_epi32(s##t##0, _mm256_madd_epi16(av, _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)bt))));      \
+        s##t##1 = _mm256_add_epi32(s##t##1, _mm256_madd_epi16(av, _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(bt + 16))))); \
+        PIN(s##t##0); PIN(s##t##1);                                                                    \
+    } while (0)
+
+static T_AVX2 void gemv4_avx2(const int16_t *a, const int8_t *b, int64_t kp, int32_t *c) {
+    __m256i s00 = _mm256_setzero_si256(), s01 = s00, s10 = s00, s11 = s00, s20 = s00, s21 = s00, s30 = s00,
+            s31 = s00;
+    for (int64_t q = 0; q < kp; q += 4) {
+        for (int t = 0; t < 4; t++)
+            _mm_prefetch((const char *)(b + t * L8_PACK_NR * kp + q * L8_PACK_NR + PREFETCH), _MM_HINT_T0);
+        __m256i av = _mm256_set1_epi32(load_i32(a + q));
+        GEMV_PANEL(0, q); GEMV_PANEL(1, q); GEMV_PANEL(2, q); GEMV_PANEL(3, q);
+        av = _mm256_set1_epi32(load_i32(a + q + 2));
+        GEMV_PANEL(0, q + 2); GEMV_PANEL(1, q + 2); GEMV_PANEL(2, q + 2); GEMV_PANEL(3, q + 2);
+    }
+    store_row(c, s00, s01, 0);
+    store_row(c + 16, s10, s11, 0);
+    store_row(c + 32, s20, s21, 0);
+    store_row(c + 48, s30, s31, 0);
+}
+
+static T_AVX2 void tile_avx2(const void *As, const l8_packed_b *B, int64_t i0, int64_t mb, int64_t j0, int64_t nb,
+                             int32_t *acc) {
+    if (mb == 1 && nb > 3 * L8_PACK_NR) { /* a full tile of four panels */
+        gemv4_avx2((const int16_t *)As + i0 * B->kp, B->data + j0 * B->kp, B->kp, acc);
+        return;
+    }
+    TILE_LOOP(ukr_avx2, int16_t)
+}
+
+/* ------------------------------------------------------------------ AVX-VNNI */
+#ifdef L8_HAVE_AVXVNNI
+#define T_AVXVNNI __attribute__((target("avx2,fma,f16c,avxvnni")))
+
+static inline __attribute__((always_inline)) T_AVXVNNI void ukr_avxvnni(const uint8_t *a, int64_t lda,
+                                                                          const int8_t *b, int64_t kc, int32_t *c,
+                                                                          const int mr, int accumulate) {
+    __m256i acc[MR][2];
+    for (int r = 0; r < mr; r++) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+    for (int64_t q = 0; q < kc; q += 4) {
+        const __m256i b0 = _mm256_loadu_si256((const __m256i *)(b + q * L8_PACK_NR));
+        const __m256i b1 = _mm256_loadu_si256((const __m256i *)(b + q * L8_PACK_NR + 32));
+        for (int r = 0; r < mr; r++) {
+            const __m256i av = _mm256_set1_epi32(load_i32(a + r * lda + q));
+            acc[r][0] = _mm256_dpbusd_avx_epi32(acc[r][0], av, b0);
+            acc[r][1] = _mm256_dpbusd_avx_epi32(acc[r][1], av, b1);
+        }
+    }
+    for (int r = 0; r < mr; r++) {
+        __m256i *o = (__m256i *)(c + r * L8_GEMM_NB);
+        if (accumulate) {
+            acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_loadu_si256(o));
+            acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_loadu_si256(o + 1));
+        }
+        _mm256_storeu_si256(o, acc[r][0]);
+        _mm256_storeu_si256(o + 1, acc[r][1]);
+    }
+}
+
+static T_AVXVNNI void tile_avxvnni(const void *As, const l8_packed_b *B, int64_t i0, int64_t mb, int64_t j0,
+                                   int64_t nb, int32_t *acc) {
+    TILE_LOOP(ukr_avxvnni, uint8_t)
+    subtract_corr(B, mb, j0, nb, acc);
+}
+#endif
+
+/* ------------------------------------------------------------------ AVX-512 VNNI */
+#define T_AVX512VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
+
+static inline __attribute__((always_inline)) T_AVX512VNNI void ukr_avx512vnni(const uint8_t *a, int64_t lda,
+                                                                                const int8_t *b, int64_t kc,
+                                                                                int32_t *c, const int mr,
+                                                                                int accumulate) {
+    __m512i acc[MR];
+    for (int r = 0; r < mr; r++) acc[r] = _mm512_setzero_si512();
+    for (int64_t q = 0; q < kc; q += 4) {
+        const __m512i b0 = _mm512_loadu_si512((const void *)(b + q * L8_PACK_NR));
+        for (int r = 0; r < mr; r++)
+            acc[r] = _mm512_dpbusd_epi32(acc[r], _mm512_set1_epi32(load_i32(a + r * lda + q)), b0);
+    }
+    for (int r = 0; r < mr; r++) {
+        int32_t *o = c + r * L8_GEMM_NB;
+        if (accumulate) acc[r] = _mm512_add_epi32(acc[r], _mm512_loadu_si512((const void *)o));
+        _mm512_storeu_si512((void *)o, acc[r]);
+    }
+}
+
+static T_AVX512VNNI void tile_avx512vnni(const void *As, const l8_packed_b *B, int64_t i0, int64_t mb, int64_t j0,
+                                         int64_t nb, int32_t *acc) {
+    TILE_LOOP(ukr_avx512vnni, uint8_t)
+    subtract_corr(B, mb, j0, nb, acc);
+}
+
+/* ------------------------------------------------------------------ dispatch table */
+static const l8_kernel_ops OPS_AVX2 = {sizeof(int16_t), stage_a_i16, tile_avx2, pack_pairs};
+#ifdef L8_HAVE_AVXVNNI
+static const l8_kernel_ops OPS_AVXVNNI = {1, stage_a_u8, tile_avxvnni, pack_quads};
+#endif
+static const l8_kernel_ops OPS_AVX512VNNI = {1, stage_a_u8, tile_avx512vnni, pack_quads};
+
+const l8_kernel_ops *l8_x86_kernel_ops(l8_kernel kern) {
+    switch (kern) {
+    case L8_KERNEL_AVX2: return &OPS_AVX2;
+#ifdef L8_HAVE_AVXVNNI
+    case L8_KERNEL_AVXVNNI: return &OPS_AVXVNNI;
+#endif
+    case L8_KERNEL_AVX512VNNI: return &OPS_AVX512VNNI;
+    default: return NULL;
+    }
+}
+
+#else /* not x86-64: only the portable kernel exists */
+const l8_kernel_ops *l8_x86_kernel_ops(l8_kernel kern) {
+    (void)kern;
+    return NULL;
+}
+#endif

@@ -1,0 +1,325 @@
+/* linear_cuda.cu: the CUDA backend of Int8Linear (the l8_backend table) and its
+ * forward on device memory. CPU reference: linear_cpu.c, which this matches bit for bit.
+ *
+ * Forward, for x (m, in) on the device, all on one stream, no host synchronization:
+ *   1. l8_quantize_x_cuda: int8 x with provisional row scales, dynamic outlier flags;
+ *   2. (outliers) l8_outliers_compact_cuda / l8_outliers_fix_cuda /
+ *      l8_dynamic_weights_cuda: the sorted outlier list, exact scales, the compact fp16
+ *      outlier activations and the dequantized weight columns of dynamic outliers;
+ *   3. the cuBLASLt int8 GEMM and one l8_dequant_cuda pass over its int32 result, in row
+ *      chunks whose int32 product stays under I32_CHUNK_BYTES (256 MiB).
+ * For m <= L8_CUDA_GEMV_MAX_M (decoding) steps 1-2 run as one single-block launch
+ * (l8_quantize_small_m_cuda) and 3 is the GEMV kernel with the epilogue fused: two
+ * launches per forward.
+ * Temporaries come from the device's memory pool in one stream-ordered allocation per
+ * call. The layer's weights are plain cudaMalloc memory, padded (gemm_cuda.h).
+ *
+ * Build: setup.py compiles every .cu file in csrc with nvcc (python setup.py build_ext --inplace).
+ * Check: pytest tests/test_cuda.py (CUDA against the CPU backend). Time: benchmarks/bench_linear.py.
+ */
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdlib.h>
+
+#include <algorithm>
+#include <new>
+
+#include "gemm_cuda.h"
+#include "quantize_cuda.h"
+
+extern "C" {
+#include "quantize.h"
+}
+
+namespace {
+
+/* Dynamic outlier columns whose weights and activations get compact fp16 copies; more
+ * than this in one call is still exact, only slower (gathered from x and the int8
+ * weight). LLM activations have a handful to a few dozen. */
+constexpr int DYN_CAP = 256;
+
+/* The int32 product of the cuBLASLt path is at most this big: longer inputs run the GEMM
+ * and its epilogue in row chunks, which bounds the scratch memory of a long prefill. */
+constexpr int64_t I32_CHUNK_BYTES = 256ll << 20;
+
+/* The token rows handed to the cuBLASLt int8 GEMM: padded to a multiple of 32, since its
+ * IMMA heuristic may find no algorithm (or NOT_SUPPORTED) for a few rows. The padding
+ * rows of xq are allocated but never written (int8: any bits are a valid value), their
+ * int32 results land in the padding rows of C, and l8_dequant_cuda reads only the real
+ * rows: nothing reads them, so nothing zeroes them. */
+int64_t gemm_rows(int64_t rows) { return (rows + 31) & ~(int64_t)31; }
+
+/* Rows per chunk: equal chunks, a multiple of 128 rows (whole GEMM tiles). */
+int64_t chunk_rows(int64_t m, int64_t np) {
+    const int64_t bytes = m * np * 4;
+    if (bytes <= I32_CHUNK_BYTES) return m;
+    const int64_t chunks = (bytes + I32_CHUNK_BYTES - 1) / I32_CHUNK_BYTES;
+    const int64_t rows = ((m + chunks - 1) / chunks + 127) / 128 * 128;
+    return rows < m ? rows : m;
+}
+
+struct cuda_impl {
+    l8_cuda_ctx *ctx;
+    int64_t kp, np;
+    int8_t *wq;          /* (np, kp), zero padding */
+    float *wscale;       /* (n,) */
+    float *bias;         /* (n,) or NULL */
+    __half *wk;          /* (n_known, n): the known columns' weights, transposed */
+    uint8_t *kflag;      /* (k,) 1 in known columns; NULL without known columns */
+    int32_t *known_pos;  /* (k,) position in the known list or -1; NULL likewise */
+};
+
+void free_impl(cuda_impl *c) {
+    cudaFree(c->wq);
+    cudaFree(c->wscale);
+    cudaFree(c->bias);
+    cudaFree(c->wk);
+    cudaFree(c->kflag);
+    cudaFree(c->known_pos);
+    (void)cudaGetLastError();
+    delete c;
+}
+
+void cuda_destroy(l8_layer *L) {
+    cuda_impl *c = static_cast<cuda_impl *>(L->impl);
+    if (!c) return;
+    l8_status ignore = {};
+    int prev = -1;
+    const bool pushed = l8_cuda_push_device(L->device, &prev, &ignore) == 0;
+    free_impl(c); /* cudaFree waits for work still using the weights */
+    if (pushed) l8_cuda_pop_device(prev);
+    L->impl = nullptr;
+}
+
+int cuda_create(l8_layer *L, const l8_weights *w, l8_status *st) {
+    l8_cuda_ctx *ctx = static_cast<l8_cuda_ctx *>(L->backend_ctx);
+    const int64_t n = L->out_features, k = L->in_features, no = L->n_outliers;
+    const int64_t kp = l8_pad(k), np = l8_pad(n);
+    int8_t *hq = nullptr;
+    uint16_t *hk = nullptr;
+    uint8_t *hf = nullptr;
+    int32_t *hp = nullptr;
+    int prev = -1, rc = -1;
+    cuda_impl *c = nullptr;
+    if (l8_cuda_ctx_device(ctx, L->device, st) < 0) return -1;
+    if (!(c = new (std::nothrow) cuda_impl())) return l8_fail(st, L8_ERR_NOMEM, "could not allocate the layer");
+    c->ctx = ctx;
+    c->kp = kp;
+    c->np = np;
+    /* host staging in the device layouts */
+    hq = static_cast<int8_t *>(calloc((size_t)(np * kp), 1));
+    hk = static_cast<uint16_t *>(l8_malloc_array((size_t)(no * n), sizeof(uint16_t)));
+    if (no) {
+        hf = static_cast<uint8_t *>(calloc((size_t)k, 1));
+        hp = static_cast<int32_t *>(l8_malloc_array((size_t)k, sizeof(int32_t)));
+    }
+    if (!hq || !hk || (no && (!hf || !hp))) {
+        l8_fail(st, L8_ERR_NOMEM, "could not allocate host staging for a %lld x %lld weight", (long long)n,
+                (long long)k);
+        goto fail;
+    }
+    for (int64_t j = 0; j < n; j++) memcpy(hq + j * kp, w->wq + j * k, (size_t)k);
+    for (int64_t j = 0; j < n; j++)
+        for (int64_t o = 0; o < no; o++) hk[o * n + j] = w->wout[j * no + o];
+    if (no) {
+        for (int64_t j = 0; j < k; j++) hp[j] = -1;
+        for (int64_t o = 0; o < no; o++) {
+            hf[L->outlier_cols[o]] = 1;
+            hp[L->outlier_cols[o]] = (int32_t)o;
+        }
+    }
+    if (l8_cuda_push_device(L->device, &prev, st) < 0) goto fail;
+    L8_CUDA_CHECK(st, cudaMalloc(&c->wq, (size_t)(np * kp)));
+    L8_CUDA_CHECK(st, cudaMalloc(&c->wscale, (size_t)n * sizeof(float)));
+    L8_CUDA_CHECK(st, cudaMemcpy(c->wq, hq, (size_t)(np * kp), cudaMemcpyHostToDevice));
+    L8_CUDA_CHECK(st, cudaMemcpy(c->wscale, w->wscale, (size_t)n * sizeof(float), cudaMemcpyHostToDevice));
+    if (L->has_bias) {
+        L8_CUDA_CHECK(st, cudaMalloc(&c->bias, (size_t)n * sizeof(float)));
+        L8_CUDA_CHECK(st, cudaMemcpy(c->bias, w->bias, (size_t)n * sizeof(float), cudaMemcpyHostToDevice));
+    }
+    if (no) {
+        L8_CUDA_CHECK(st, cudaMalloc(&c->wk, (size_t)(no * n) * sizeof(__half)));
+        L8_CUDA_CHECK(st, cudaMalloc(&c->kflag, (size_t)k));
+        L8_CUDA_CHECK(st, cudaMalloc(&c->known_pos, (size_t)k * sizeof(int32_t)));
+        L8_CUDA_CHECK(st, cudaMemcpy(c->wk, hk, (size_t)(no * n) * sizeof(__half), cudaMemcpyHostToDevice));
+        L8_CUDA_CHECK(st, cudaMemcpy(c->kflag, hf, (size_t)k, cudaMemcpyHostToDevice));
+        L8_CUDA_CHECK(st, cudaMemcpy(c->known_pos, hp, (size_t)k * sizeof(int32_t), cudaMemcpyHostToDevice));
+    }
+    /* cudaMemcpy from pageable memory may return before its DMA lands, and a forward on a
+     * non-blocking stream is not ordered after the legacy stream: finish the uploads here. */
+    L8_CUDA_CHECK(st, cudaDeviceSynchronize());
+    L->impl = c;
+    L->nbytes = (size_t)(np * kp) + (size_t)n * sizeof(float) * (L->has_bias ? 2 : 1) +
+                (size_t)(no * n) * sizeof(__half) + (no ? (size_t)k * 5 : 0);
+    c = nullptr;
+    rc = 0;
+fail:
+    if (c) free_impl(c);
+    l8_cuda_pop_device(prev);
+    free(hq);
+    free(hk);
+    free(hf);
+    free(hp);
+    return rc;
+}
+
+int cuda_export(const l8_layer *L, l8_weights *out, l8_status *st) {
+    const cuda_impl *c = static_cast<const cuda_impl *>(L->impl);
+    const int64_t n = L->out_features, k = L->in_features, no = L->n_outliers;
+    uint16_t *hk = nullptr;
+    int prev = -1, rc = -1;
+    if (l8_cuda_push_device(L->device, &prev, st) < 0) return -1;
+    if (!(hk = static_cast<uint16_t *>(l8_malloc_array((size_t)(no * n), sizeof(uint16_t))))) {
+        l8_fail(st, L8_ERR_NOMEM, "could not allocate %lld bytes", (long long)(no * n * 2));
+        goto fail;
+    }
+    L8_CUDA_CHECK(st, cudaMemcpy2D(out->wq, (size_t)k, c->wq, (size_t)c->kp, (size_t)k, (size_t)n,
+                                   cudaMemcpyDeviceToHost));
+    L8_CUDA_CHECK(st, cudaMemcpy(out->wscale, c->wscale, (size_t)n * sizeof(float), cudaMemcpyDeviceToHost));
+    if (L->has_bias && out->bias)
+        L8_CUDA_CHECK(st, cudaMemcpy(out->bias, c->bias, (size_t)n * sizeof(float), cudaMemcpyDeviceToHost));
+    if (no) {
+        L8_CUDA_CHECK(st, cudaMemcpy(hk, c->wk, (size_t)(no * n) * sizeof(uint16_t), cudaMemcpyDeviceToHost));
+        for (int64_t j = 0; j < n; j++)
+            for (int64_t o = 0; o < no; o++) out->wout[j * no + o] = hk[o * n + j];
+    }
+    rc = 0;
+fail:
+    free(hk);
+    l8_cuda_pop_device(prev);
+    return rc;
+}
+
+/* Carve one pool allocation into 256-byte aligned pieces. */
+struct carver {
+    size_t off = 0;
+    size_t take(size_t bytes) {
+        size_t o = off;
+        off += (bytes + 255) / 256 * 256;
+        return o;
+    }
+};
+
+int cuda_forward_host(const l8_layer *L, const void *x, l8_dtype xt, int64_t m, void *y, l8_dtype yt, int nthreads,
+                      l8_status *st) {
+    (void)nthreads;
+    const cuda_impl *c = static_cast<const cuda_impl *>(L->impl);
+    const int64_t k = L->in_features, n = L->out_features;
+    const cudaStream_t s = l8_cuda_ctx_stream(c->ctx);
+    const size_t xb = (size_t)(m * k) * l8_dtype_size(xt), yb = (size_t)(m * n) * l8_dtype_size(yt);
+    void *xd = nullptr, *yd = nullptr;
+    int prev = -1, rc = -1;
+    if (m == 0) return 0;
+    const int64_t bad = l8_find_nonfinite(x, xt, m * k);
+    if (bad >= 0)
+        return l8_fail(st, L8_ERR_VALUE, "x contains NaN or Inf at row %lld, column %lld; expected finite values",
+                       (long long)(bad / k), (long long)(bad % k));
+    if (l8_cuda_push_device(L->device, &prev, st) < 0) return -1;
+    if (l8_cuda_alloc(&xd, xb, s, st) < 0 || l8_cuda_alloc(&yd, yb, s, st) < 0) goto fail;
+    L8_CUDA_CHECK(st, cudaMemcpyAsync(xd, x, xb, cudaMemcpyHostToDevice, s));
+    if (l8_cuda_linear_forward(L, xd, xt, m, yd, yt, s, st) < 0) goto fail;
+    L8_CUDA_CHECK(st, cudaMemcpyAsync(y, yd, yb, cudaMemcpyDeviceToHost, s));
+    L8_CUDA_CHECK(st, cudaStreamSynchronize(s));
+    rc = 0;
+fail:
+    l8_cuda_free(xd, s);
+    l8_cuda_free(yd, s);
+    l8_cuda_pop_device(prev);
+    return rc;
+}
+
+} // namespace
+
+extern "C" int l8_cuda_linear_forward(const l8_layer *L, const void *x, l8_dtype xt, int64_t m, void *y,
+                                      l8_dtype yt, cudaStream_t s, l8_status *st) {
+    const cuda_impl *c = static_cast<const cuda_impl *>(L->impl);
+    const int64_t k = L->in_features, n = L->out_features, no = L->n_outliers, kp = c->kp, np = c->np;
+    const bool dyn = L->threshold > 0.0f, any = dyn || no > 0, small = m <= L8_CUDA_GEMV_MAX_M;
+    /* small m: no compact copies (the GEMV epilogue gathers the few values it needs) */
+    const int dcap = dyn && !small ? (int)std::min<int64_t>(k, DYN_CAP) : 0;
+    const int64_t ldo = any && !small ? std::min<int64_t>(k, no + dcap) : 0;
+    char *buf = nullptr;
+    int prev = -1, rc = -1;
+    if (m == 0) return 0;
+    if (l8_cuda_push_device(L->device, &prev, st) < 0) return -1;
+    (void)cudaGetLastError(); /* a stale error of someone else's must not read as ours */
+
+    carver cv;
+    /* xq has the padding rows of the last chunk too: chunks start at multiples of mc, a
+     * multiple of 128 when there are several, so they end by gemm_rows(m) */
+    const size_t o_xq = cv.take((size_t)((small ? m : gemm_rows(m)) * kp));
+    const size_t o_sx = cv.take((size_t)m * 4), o_rc = cv.take((size_t)m * 4);
+    const size_t o_fl = cv.take(any ? (size_t)(2 + k) * 4 : 0);
+    const size_t o_oc = cv.take(any ? (size_t)k * 4 : 0), o_os = cv.take(any ? (size_t)k * 4 : 0),
+                 o_dc = cv.take(any ? (size_t)k * 4 : 0);
+    const size_t o_xo = cv.take((size_t)(m * ldo) * 2), o_wd = cv.take((size_t)dcap * (size_t)n * 2);
+    const int64_t mc = small ? 0 : chunk_rows(m, np);
+    const size_t o_c = cv.take((size_t)(gemm_rows(mc) * np) * 4);
+    if (l8_cuda_alloc((void **)&buf, cv.off, s, st) < 0) goto fail;
+    {
+        int8_t *xq = (int8_t *)(buf + o_xq);
+        float *sx = (float *)(buf + o_sx);
+        int *rcol = (int *)(buf + o_rc);
+        l8_outlier_list ol = {};
+        l8_outlier_ops ops = {};
+        if (any) {
+            ol.counts = (int *)(buf + o_fl);
+            ol.dflag = dyn ? (unsigned *)(buf + o_fl) + 2 : nullptr;
+            ol.ocol = (int *)(buf + o_oc);
+            ol.osrc = (int *)(buf + o_os);
+            ol.dcol = (int *)(buf + o_dc);
+            ops.counts = ol.counts;
+            ops.ocol = ol.ocol;
+            ops.osrc = ol.osrc;
+            ops.xo = (const __half *)(buf + o_xo);
+            ops.ldo = ldo;
+            ops.wk = c->wk;
+            ops.wd = (const __half *)(buf + o_wd);
+            ops.dcap = dcap;
+            ops.x = x;
+            ops.x_f16 = xt == L8_F16;
+            ops.ldx = k;
+            ops.wq = c->wq;
+            ops.ldw = kp;
+            ops.wscale = c->wscale;
+        }
+        if (small) {
+            L8_CUDA_CHECK(st, l8_quantize_small_m_cuda(x, xt, m, k, kp, L->threshold, c->kflag, c->known_pos, &ol, xq,
+                                                       sx, s));
+            L8_CUDA_CHECK(st, l8_gemv_s8_cuda(xq, c->wq, m, np, kp, n, sx, c->wscale, c->bias, &ops, y, yt, nullptr, 0, s));
+        } else {
+            if (any) L8_CUDA_CHECK(st, cudaMemsetAsync(ol.counts, 0, (size_t)(2 + k) * 4, s));
+            L8_CUDA_CHECK(st, l8_quantize_x_cuda(x, xt, m, k, kp, L->threshold, c->kflag, ol.dflag, xq, sx, rcol, s));
+            if (any) {
+                L8_CUDA_CHECK(st, l8_outliers_compact_cuda(c->kflag, c->known_pos, k, &ol, s));
+                L8_CUDA_CHECK(st, l8_outliers_fix_cuda(x, xt, m, k, kp, L->threshold, c->kflag, &ol, xq, sx, rcol,
+                                                       (__half *)(buf + o_xo), ldo, s));
+            }
+            if (dyn)
+                L8_CUDA_CHECK(st, l8_dynamic_weights_cuda(c->wq, kp, c->wscale, n, &ol, dcap, (__half *)(buf + o_wd), s));
+            int32_t *C = (int32_t *)(buf + o_c);
+            const size_t ys = l8_dtype_size(yt);
+            for (int64_t r0 = 0; r0 < m; r0 += mc) {
+                const int64_t rows = std::min(mc, m - r0);
+                l8_outlier_ops oc = ops; /* the same terms, seen from row r0 */
+                if (any) {
+                    oc.xo = ops.xo + r0 * ldo;
+                    oc.x = static_cast<const char *>(x) + (size_t)(r0 * k) * l8_dtype_size(xt);
+                }
+                if (l8_lt_int8_gemm(c->ctx, L->device, xq + r0 * kp, c->wq, C, gemm_rows(rows), np, kp, s, st) < 0)
+                    goto fail;
+                L8_CUDA_CHECK(st, l8_dequant_cuda(C, np, rows, n, sx + r0, c->wscale, c->bias, &oc,
+                                                  static_cast<char *>(y) + (size_t)(r0 * n) * ys, yt, s));
+            }
+        }
+    }
+    rc = 0;
+fail:
+    l8_cuda_free(buf, s);
+    l8_cuda_pop_device(prev);
+    return rc;
+}
+
+extern "C" const l8_backend l8_cuda_backend = {
+    "cuda", cuda_create, cuda_destroy, cuda_export, cuda_forward_host,
+};

@@ -1,0 +1,377 @@
+/* quantize_cuda.cu: vector-wise quantization of the activations with outlier
+ * decomposition, on the GPU. CPU reference: quantize.c (l8_quantize_rows) and the
+ * outlier selection in linear_cpu.c; the results here are bit-identical to them.
+ *
+ * The problem: row i's scale is the absmax over the columns that are NOT outliers, and a
+ * column is an outlier when ANY row has |x| >= threshold in it. So a row's scale depends
+ * on every other row, which a one-pass kernel cannot see. What we do instead:
+ *
+ *   pass 1 (one block per row, x read from DRAM once): mark the columns where this row
+ *     has |x| >= threshold; take the absmax over the remaining elements (known outlier
+ *     columns excluded) together with the column where it occurs; quantize the row with
+ *     that provisional scale. The provisional scale is an upper bound of the exact one and
+ *     equals it unless its own column is an outlier found by another row.
+ *   compact (one block): the outlier columns in ascending order (a block scan over the
+ *     column flags) -- the order the CPU backend sums the fp16 products in, so the two
+ *     backends agree bit for bit, and the result does not depend on block scheduling.
+ *   pass 2 (one block per row, touching only the outlier columns): rows whose provisional
+ *     scale came from an outlier column are re-quantized exactly (one more read of those
+ *     rows only); all other rows just get their dynamic outlier columns zeroed, and the
+ *     outlier activations are gathered into a compact fp16 matrix.
+ *
+ * Why not a column-absmax pre-pass: it reads all of x once more for every call, whereas
+ * the fix-up above only re-reads the (usually few) rows that need it. Why not a grid-wide
+ * barrier between the phases: it needs a cooperative launch sized to the GPU and still
+ * re-reads x after the barrier, for no saving in traffic.
+ *
+ * Versions: the three launches above (any m), and small_m_kernel, which runs the same
+ * three steps for m <= 8 rows (decoding) in one single-block launch with block barriers
+ * between them.
+ *
+ * Nothing here synchronizes with the host: counts stay on the device, and the outlier
+ * list has room for every column (k entries), so it cannot overflow. The compact fp16
+ * copies used by the GEMM epilogue have a fixed capacity; entries past it are read
+ * straight from x and the int8 weight instead (same values, slower; gemm_cuda.cu).
+ *
+ * Build: setup.py compiles every .cu file in csrc with nvcc (python setup.py build_ext --inplace).
+ * Check: pytest tests/test_cuda.py (CUDA against the CPU backend). Time: benchmarks/bench_linear.py.
+ */
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "quantize_cuda.h"
+
+namespace {
+
+constexpr int QBLOCK = 256;   /* threads per row block */
+constexpr int CBLOCK = 1024;  /* threads of the compaction block */
+static_assert(QBLOCK % 32 == 0 && CBLOCK % 32 == 0 && CBLOCK / 32 <= 32, "block scans assume whole warps");
+
+template <typename T> __device__ __forceinline__ float to_f(T v);
+template <> __device__ __forceinline__ float to_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
+
+/* VEC consecutive elements as floats, with one 16-byte load when VEC > 1. */
+template <typename T, int VEC>
+__device__ __forceinline__ void load_vec(const T *p, float (&v)[VEC]) {
+    if constexpr (VEC == 1) {
+        v[0] = to_f(p[0]);
+    } else {
+        static_assert(VEC * sizeof(T) == 16, "vector loads are 16 bytes");
+        uint4 raw = *reinterpret_cast<const uint4 *>(p);
+        const T *e = reinterpret_cast<const T *>(&raw);
+#pragma unroll
+        for (int t = 0; t < VEC; t++) v[t] = to_f(e[t]);
+    }
+}
+
+/* q = round(127 x / s) to nearest even, clamped to [-127, 127]: quantize.c's quantize_one.
+ * __fmul_rn keeps the compiler from fusing; the double path covers subnormal scales. */
+__device__ __forceinline__ int8_t quant(float v, float s, float inv) {
+    int q;
+    if (isinf(inv))
+        q = (int)rint((double)v * 127.0 / (double)s);
+    else
+        q = __float2int_rn(__fmul_rn(v, inv));
+    return (int8_t)(q > 127 ? 127 : q < -127 ? -127 : q);
+}
+
+/* Block-wide max of a packed (|x| bits << 32 | column) key. |x| >= 0, so its float bits
+ * order like the values; ties go to the larger column, which is as good as any. */
+__device__ unsigned long long block_max(unsigned long long v) {
+    __shared__ unsigned long long red[32];
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+        unsigned long long o = __shfl_xor_sync(0xffffffffu, v, off);
+        v = o > v ? o : v;
+    }
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nw = blockDim.x / 32;
+    __syncthreads(); /* red may still be read by a previous call */
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    v = lane < nw ? red[lane] : 0ull;
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+        unsigned long long o = __shfl_xor_sync(0xffffffffu, v, off);
+        v = o > v ? o : v;
+    }
+    return v;
+}
+
+/* Quantize one row with the whole block. REQUANT = false: pass 1 (exclude known columns
+ * and this row's elements >= threshold, marking those columns in dflag). REQUANT = true:
+ * exact re-quantization with every flagged column excluded. */
+template <typename T, int VEC, bool REQUANT>
+__device__ void quantize_row(const T *__restrict__ xr, int64_t k, int64_t kp, float thr,
+                             const uint8_t *__restrict__ kflag, unsigned *dflag, int8_t *__restrict__ qr,
+                             float *sx_out, int *rcol_out) {
+    const bool dyn = thr > 0.0f;
+    auto excluded = [&](int64_t j, float a) -> bool {
+        if (kflag && kflag[j]) return true;
+        if (REQUANT) return dyn && dflag[j] != 0u;
+        return dyn && a >= thr;
+    };
+    unsigned long long best = 0ull;
+    const int64_t nv = k / VEC;
+    for (int64_t c = threadIdx.x; c < nv; c += blockDim.x) {
+        float v[VEC];
+        load_vec<T, VEC>(xr + c * VEC, v);
+#pragma unroll
+        for (int t = 0; t < VEC; t++) {
+            const int64_t j = c * VEC + t;
+            const float a = fabsf(v[t]);
+            if (excluded(j, a)) {
+                /* read before writing: most rows find the flag already set */
+                if (!REQUANT && dyn && a >= thr && !(kflag && kflag[j]) && dflag[j] == 0u) dflag[j] = 1u;
+                continue;
+            }
+            const unsigned long long key = ((unsigned long long)__float_as_uint(a) << 32) | (unsigned)j;
+            best = key > best ? key : best;
+        }
+    }
+    best = block_max(best);
+    const float s = __uint_as_float((unsigned)(best >> 32));
+    const float inv = s > 0.0f ? __fdiv_rn(127.0f, s) : 0.0f;
+    if (threadIdx.x == 0) {
+        *sx_out = s;
+        if (rcol_out) *rcol_out = s > 0.0f ? (int)(unsigned)(best & 0xffffffffull) : -1;
+    }
+    /* second read of the row: it was just loaded by this block, so it comes from L1/L2 */
+    for (int64_t c = threadIdx.x; c < nv; c += blockDim.x) {
+        float v[VEC];
+        load_vec<T, VEC>(xr + c * VEC, v);
+        int8_t q[VEC];
+#pragma unroll
+        for (int t = 0; t < VEC; t++) {
+            const int64_t j = c * VEC + t;
+            q[t] = (s == 0.0f || excluded(j, fabsf(v[t]))) ? (int8_t)0 : quant(v[t], s, inv);
+        }
+        if constexpr (VEC == 8)
+            *reinterpret_cast<uint2 *>(qr + c * VEC) = *reinterpret_cast<const uint2 *>(q);
+        else if constexpr (VEC == 4)
+            *reinterpret_cast<uint32_t *>(qr + c * VEC) = *reinterpret_cast<const uint32_t *>(q);
+        else
+            qr[c] = q[0];
+    }
+    for (int64_t j = k + threadIdx.x; j < kp; j += blockDim.x) qr[j] = 0; /* padding */
+}
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(QBLOCK)
+quantize_x_kernel(const T *__restrict__ x, int64_t k, int64_t kp, float thr, const uint8_t *__restrict__ kflag,
+                  unsigned *dflag, int8_t *__restrict__ xq, float *__restrict__ sx, int *__restrict__ rcol) {
+    const int64_t i = blockIdx.x;
+    quantize_row<T, VEC, false>(x + i * k, k, kp, thr, kflag, dflag, xq + i * kp, sx + i, rcol + i);
+}
+
+/* The outlier list in ascending column order: an exclusive block scan of two flags at
+ * once (total, dynamic) with warp ballots. Any block size up to 1024 threads. */
+__device__ void compact_block(const uint8_t *__restrict__ kflag, const int32_t *__restrict__ known_pos,
+                              const unsigned *dflag, int64_t k, int *ocol, int *osrc, int *dcol, int *counts) {
+    __shared__ int wtot[32], wdyn[32];
+    __shared__ int base_tot, base_dyn;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nw = blockDim.x / 32;
+    const unsigned lt = (1u << lane) - 1u;
+    if (threadIdx.x == 0) base_tot = base_dyn = 0;
+    __syncthreads();
+    for (int64_t j0 = 0; j0 < k; j0 += blockDim.x) {
+        const int64_t j = j0 + threadIdx.x;
+        const bool isk = j < k && kflag && kflag[j];
+        const bool isd = j < k && !isk && dflag && dflag[j] != 0u;
+        const unsigned bt = __ballot_sync(0xffffffffu, isk || isd), bd = __ballot_sync(0xffffffffu, isd);
+        if (lane == 0) { wtot[warp] = __popc(bt); wdyn[warp] = __popc(bd); }
+        __syncthreads();
+        int pt = 0, pd = 0, st = 0, sd = 0;
+        for (int w = 0; w < nw; w++) { /* nw <= 32: a short serial scan is enough */
+            if (w < warp) { pt += wtot[w]; pd += wdyn[w]; }
+            st += wtot[w]; sd += wdyn[w];
+        }
+        const int ot = base_tot + pt + __popc(bt & lt), od = base_dyn + pd + __popc(bd & lt);
+        if (isk || isd) {
+            ocol[ot] = (int)j;
+            osrc[ot] = isk ? known_pos[j] : -(od + 1);
+        }
+        if (isd) dcol[od] = (int)j;
+        __syncthreads(); /* everyone has read wtot/wdyn and the bases */
+        if (threadIdx.x == 0) { base_tot += st; base_dyn += sd; }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) { counts[0] = base_tot; counts[1] = base_dyn; }
+}
+
+__global__ void __launch_bounds__(CBLOCK)
+compact_kernel(const uint8_t *__restrict__ kflag, const int32_t *__restrict__ known_pos, const unsigned *dflag,
+               int64_t k, int *ocol, int *osrc, int *dcol, int *counts) {
+    compact_block(kflag, known_pos, dflag, k, ocol, osrc, dcol, counts);
+}
+
+/* Pass 2 for row i with the whole block (see l8_outliers_fix_cuda). */
+template <typename T, int VEC>
+__device__ void fix_row(const T *__restrict__ x, int64_t i, int64_t k, int64_t kp, float thr,
+                        const uint8_t *__restrict__ kflag, unsigned *dflag, const int *counts, const int *ocol,
+                        int8_t *__restrict__ xq, float *__restrict__ sx, int rc, __half *__restrict__ xo, int64_t ldo) {
+    const T *xr = x + i * k;
+    int8_t *qr = xq + i * kp;
+    const int total = counts[0], ndyn = counts[1];
+    if (thr > 0.0f && rc >= 0 && dflag[rc] != 0u) {
+        quantize_row<T, VEC, true>(xr, k, kp, thr, kflag, dflag, qr, sx + i, nullptr);
+    } else if (ndyn > 0) {
+        for (int o = threadIdx.x; o < total; o += blockDim.x) {
+            const int col = ocol[o];
+            if (!(kflag && kflag[col])) qr[col] = 0;
+        }
+    }
+    const int nx = (int64_t)total < ldo ? total : (int)ldo;
+    for (int o = threadIdx.x; o < nx; o += blockDim.x) xo[i * ldo + o] = __float2half_rn(to_f(xr[ocol[o]]));
+}
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(QBLOCK)
+fix_kernel(const T *__restrict__ x, int64_t k, int64_t kp, float thr, const uint8_t *__restrict__ kflag,
+           unsigned *dflag, const int *__restrict__ counts, const int *__restrict__ ocol, int8_t *__restrict__ xq,
+           float *__restrict__ sx, const int *__restrict__ rcol, __half *__restrict__ xo, int64_t ldo) {
+    fix_row<T, VEC>(x, blockIdx.x, k, kp, thr, kflag, dflag, counts, ocol, xq, sx, rcol[blockIdx.x], xo, ldo);
+}
+
+/* m <= L8_CUDA_SMALL_M rows in one block: pass 1, compaction and pass 2 in one launch,
+ * separated by block barriers instead of kernel boundaries (a decode step's activations
+ * are a few KB, so one SM reads them in about a microsecond; the launches it saves cost
+ * more). No compact fp16 copies: the GEMV epilogue gathers outlier values itself. */
+template <typename T, int VEC>
+__global__ void __launch_bounds__(CBLOCK)
+small_m_kernel(const T *__restrict__ x, int m, int64_t k, int64_t kp, float thr, const uint8_t *__restrict__ kflag,
+               const int32_t *__restrict__ known_pos, unsigned *dflag, int *ocol, int *osrc, int *dcol, int *counts,
+               int8_t *__restrict__ xq, float *__restrict__ sx) {
+    __shared__ int rcol[L8_CUDA_SMALL_M];
+    const bool any = thr > 0.0f || kflag != nullptr;
+    if (dflag)
+        for (int64_t j = threadIdx.x; j < k; j += blockDim.x) dflag[j] = 0u;
+    __syncthreads(); /* orders the block's global writes for the block: no memset needed */
+    for (int i = 0; i < m; i++)
+        quantize_row<T, VEC, false>(x + i * k, k, kp, thr, kflag, dflag, xq + i * kp, sx + i, rcol + i);
+    if (!any) return;
+    __syncthreads();
+    compact_block(kflag, known_pos, dflag, k, ocol, osrc, dcol, counts);
+    __syncthreads();
+    for (int i = 0; i < m; i++) {
+        const int rc = rcol[i];
+        fix_row<T, VEC>(x, i, k, kp, thr, kflag, dflag, counts, ocol, xq, sx, rc, nullptr, 0);
+        __syncthreads(); /* fix_row may run a block reduction: keep the rows in lockstep */
+    }
+}
+
+__global__ void dynamic_weights_kernel(const int8_t *__restrict__ wq, int64_t ldw, const float *__restrict__ wscale,
+                                       int64_t n, const int *__restrict__ counts, const int *__restrict__ dcol,
+                                       int dcap, __half *__restrict__ wd) {
+    const int nd = counts[1] < dcap ? counts[1] : dcap;
+    for (int d = blockIdx.y; d < nd; d += gridDim.y) {
+        const int64_t col = dcol[d];
+        for (int64_t j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; j < n; j += (int64_t)gridDim.x * blockDim.x)
+            wd[(int64_t)d * n + j] =
+                __float2half_rn(__fmul_rn((float)wq[j * ldw + col], __fdiv_rn(wscale[j], 127.0f)));
+    }
+}
+
+/* 16-byte vectors when the rows allow them, scalars otherwise. */
+template <typename T>
+bool vec_ok(const void *x, int64_t k) {
+    constexpr int V = 16 / sizeof(T);
+    return ((uintptr_t)x % 16) == 0 && k % V == 0;
+}
+
+int qthreads(int64_t k, int vec) {
+    int64_t t = (k / vec + 31) / 32 * 32;
+    return t < 32 ? 32 : t > QBLOCK ? QBLOCK : (int)t;
+}
+
+} // namespace
+
+/* ------------------------------------------------------------------ launchers */
+
+cudaError_t l8_quantize_x_cuda(const void *x, l8_dtype xt, int64_t m, int64_t k, int64_t kp, float threshold,
+                               const uint8_t *kflag, unsigned *dflag, int8_t *xq, float *sx, int *rcol,
+                               cudaStream_t s) {
+    if (m == 0) return cudaSuccess;
+    const dim3 grid((unsigned)m);
+    if (xt == L8_F16) {
+        const __half *xh = static_cast<const __half *>(x);
+        if (vec_ok<__half>(x, k))
+            quantize_x_kernel<__half, 8><<<grid, qthreads(k, 8), 0, s>>>(xh, k, kp, threshold, kflag, dflag, xq, sx, rcol);
+        else
+            quantize_x_kernel<__half, 1><<<grid, qthreads(k, 1), 0, s>>>(xh, k, kp, threshold, kflag, dflag, xq, sx, rcol);
+    } else {
+        const float *xf = static_cast<const float *>(x);
+        if (vec_ok<float>(x, k))
+            quantize_x_kernel<float, 4><<<grid, qthreads(k, 4), 0, s>>>(xf, k, kp, threshold, kflag, dflag, xq, sx, rcol);
+        else
+            quantize_x_kernel<float, 1><<<grid, qthreads(k, 1), 0, s>>>(xf, k, kp, threshold, kflag, dflag, xq, sx, rcol);
+    }
+    return cudaGetLastError();
+}
+
+cudaError_t l8_outliers_compact_cuda(const uint8_t *kflag, const int32_t *known_pos, int64_t k,
+                                     const l8_outlier_list *ol, cudaStream_t s) {
+    compact_kernel<<<1, CBLOCK, 0, s>>>(kflag, known_pos, ol->dflag, k, ol->ocol, ol->osrc, ol->dcol, ol->counts);
+    return cudaGetLastError();
+}
+
+cudaError_t l8_outliers_fix_cuda(const void *x, l8_dtype xt, int64_t m, int64_t k, int64_t kp, float threshold,
+                                 const uint8_t *kflag, const l8_outlier_list *ol, int8_t *xq, float *sx,
+                                 const int *rcol, __half *xo, int64_t ldo, cudaStream_t s) {
+    if (m == 0) return cudaSuccess;
+    const dim3 grid((unsigned)m);
+    if (xt == L8_F16) {
+        const __half *xh = static_cast<const __half *>(x);
+        if (vec_ok<__half>(x, k))
+            fix_kernel<__half, 8><<<grid, qthreads(k, 8), 0, s>>>(xh, k, kp, threshold, kflag, ol->dflag, ol->counts,
+                                                                  ol->ocol, xq, sx, rcol, xo, ldo);
+        else
+            fix_kernel<__half, 1><<<grid, qthreads(k, 1), 0, s>>>(xh, k, kp, threshold, kflag, ol->dflag, ol->counts,
+                                                                  ol->ocol, xq, sx, rcol, xo, ldo);
+    } else {
+        const float *xf = static_cast<const float *>(x);
+        if (vec_ok<float>(x, k))
+            fix_kernel<float, 4><<<grid, qthreads(k, 4), 0, s>>>(xf, k, kp, threshold, kflag, ol->dflag, ol->counts,
+                                                                ol->ocol, xq, sx, rcol, xo, ldo);
+        else
+            fix_kernel<float, 1><<<grid, qthreads(k, 1), 0, s>>>(xf, k, kp, threshold, kflag, ol->dflag, ol->counts,
+                                                                ol->ocol, xq, sx, rcol, xo, ldo);
+    }
+    return cudaGetLastError();
+}
+
+cudaError_t l8_quantize_small_m_cuda(const void *x, l8_dtype xt, int64_t m, int64_t k, int64_t kp, float threshold,
+                                     const uint8_t *kflag, const int32_t *known_pos, const l8_outlier_list *ol,
+                                     int8_t *xq, float *sx, cudaStream_t s) {
+    if (m == 0) return cudaSuccess;
+    if (m > L8_CUDA_SMALL_M) return cudaErrorInvalidValue;
+    const int mi = (int)m;
+    if (xt == L8_F16) {
+        const __half *xh = static_cast<const __half *>(x);
+        if (vec_ok<__half>(x, k))
+            small_m_kernel<__half, 8><<<1, CBLOCK, 0, s>>>(xh, mi, k, kp, threshold, kflag, known_pos, ol->dflag,
+                                                           ol->ocol, ol->osrc, ol->dcol, ol->counts, xq, sx);
+        else
+            small_m_kernel<__half, 1><<<1, CBLOCK, 0, s>>>(xh, mi, k, kp, threshold, kflag, known_pos, ol->dflag,
+                                                           ol->ocol, ol->osrc, ol->dcol, ol->counts, xq, sx);
+    } else {
+        const float *xf = static_cast<const float *>(x);
+        if (vec_ok<float>(x, k))
+            small_m_kernel<float, 4><<<1, CBLOCK, 0, s>>>(xf, mi, k, kp, threshold, kflag, known_pos, ol->dflag,
+                                                          ol->ocol, ol->osrc, ol->dcol, ol->counts, xq, sx);
+        else
+            small_m_kernel<float, 1><<<1, CBLOCK, 0, s>>>(xf, mi, k, kp, threshold, kflag, known_pos, ol->dflag,
+                                                          ol->ocol, ol->osrc, ol->dcol, ol->counts, xq, sx);
+    }
+    return cudaGetLastError();
+}
+
+cudaError_t l8_dynamic_weights_cuda(const int8_t *wq, int64_t ldw, const float *wscale, int64_t n,
+                                    const l8_outlier_list *ol, int dcap, __half *wd, cudaStream_t s) {
+    if (dcap <= 0 || n == 0) return cudaSuccess;
+    int64_t bx = (n + 255) / 256;
+    const dim3 grid((unsigned)(bx < 64 ? bx : 64), (unsigned)(dcap < 32 ? dcap : 32));
+    dynamic_weights_kernel<<<grid, 256, 0, s>>>(wq, ldw, wscale, n, ol->counts, ol->dcol, dcap, wd);
+    return cudaGetLastError();
+}

@@ -1,0 +1,121 @@
+"""Int8Linear: an nn.Linear-style layer computed by LLM.int8().
+
+The heavy lifting is in the C type ``llmint8._C.Int8Linear``; this subclass adds the
+float-weight constructor, (..., in_features) inputs, copies of the held weights,
+``to(device)``, pickling and a repr.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import _C
+from .backends import resolve_device
+from .cuda import is_device_array
+
+__all__ = ["Int8Linear"]
+
+
+def _rebuild(cls, weight_int8, weight_scale, outlier_columns, outlier_weight, bias, threshold, device):
+    return cls(weight_int8, weight_scale, outlier_columns, outlier_weight, bias, threshold, device)
+
+
+class Int8Linear(_C.Int8Linear):
+    """A linear layer ``y = x @ weight.T + bias`` computed with LLM.int8().
+
+    Holds the weight as int8 with one absmax scale per output row (``weight_scale`` is
+    the absmax, not absmax/127), the layer's known outlier columns as fp16, and an
+    optional float32 bias. At every call:
+
+    * the columns of x with any ``|x| >= threshold`` (found anew each call) together with
+      the known ``outlier_columns`` are multiplied in fp16 with fp32 accumulation; known
+      columns use the original weight columns in fp16, dynamically found columns use
+      the int8 weight dequantized to fp16 (the best the layer holds for them);
+    * all other columns go through int8 x int8 -> int32 with vector-wise scales (a scale
+      per row of x over its non-outlier columns, a scale per row of the weight).
+
+    ``threshold=0`` turns the dynamic decomposition off (known outlier columns, if
+    any, still use their fp16 weights: only fp16 copies of them are kept).
+
+    Build one with :meth:`from_float`. Calls are thread-safe: the layer is immutable.
+    """
+
+    __slots__ = ()
+
+    @classmethod
+    def from_float(cls, weight, bias=None, threshold=6.0, outlier_columns=None, device=None):
+        """Quantize a float weight into an Int8Linear.
+
+        weight: (out_features, in_features) float16/float32, as in nn.Linear.
+        bias: (out_features,) float16/float32, or None.
+        threshold: dynamic outlier threshold (>= 0; 0 = no dynamic decomposition).
+        outlier_columns: known outlier feature indices (e.g. from calibration with
+            ``find_outlier_columns``); their weight columns are kept in fp16 and left
+            out of the row scales. Sorted and deduplicated.
+        device: "cpu", "cuda", "cuda:N", or None for the best available.
+        """
+        device = resolve_device(device)
+        cols = [] if outlier_columns is None else outlier_columns
+        wq, ws, wo = _C.quantize_weight(weight, cols)
+        return cls(wq, ws, cols, wo, bias, threshold, device)
+
+    def __call__(self, x):
+        """y = layer(x) for x (..., in_features) float16/float32; y (..., out_features), x's dtype.
+
+        NumPy (or array-like) in gives NumPy out. On a CUDA layer a device array (DeviceArray,
+        or a CuPy / JAX / PyTorch CUDA array) gives a DeviceArray out, without a host round trip.
+        """
+        if not is_device_array(x):
+            x = np.asarray(x)
+        if len(x.shape) == 0:
+            raise ValueError(f"x must have shape (..., {self.in_features}), got a scalar")
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"x must have shape (..., {self.in_features}) for this layer, got {tuple(x.shape)}")
+        lead = tuple(x.shape[:-1])
+        if len(x.shape) == 2:
+            return self.forward(x)
+        y = self.forward(x.reshape(-1, self.in_features))
+        return y.reshape(*lead, self.out_features)
+
+    # ---- copies of what the layer holds
+    @property
+    def weight_int8(self):
+        """(out, in) int8 copy of the quantized weight (known outlier columns are 0)."""
+        return self._export()[0]
+
+    @property
+    def weight_scale(self):
+        """(out,) float32 copy of the weight's row scales: absmax over non-outlier columns."""
+        return self._export()[1]
+
+    @property
+    def outlier_weight(self):
+        """(out, len(outlier_columns)) float16 copy of the known outlier weight columns."""
+        return self._export()[2]
+
+    @property
+    def bias(self):
+        """(out,) float32 copy of the bias, or None."""
+        return self._export()[3]
+
+    def dequantized_weight(self):
+        """(out, in) float32: the weight as the layer sees it (int8 dequantized, fp16 outlier columns)."""
+        wq, ws, wo, _ = self._export()
+        w = wq.astype(np.float32) * (ws / np.float32(127.0))[:, None]
+        w[:, self.outlier_columns] = wo.astype(np.float32)
+        return w
+
+    def to(self, device):
+        """A copy of this layer on another device ("cpu", "cuda", "cuda:N")."""
+        device = resolve_device(device)
+        wq, ws, wo, b = self._export()
+        return type(self)(wq, ws, self.outlier_columns, wo, b, self.threshold, device)
+
+    def __reduce__(self):
+        wq, ws, wo, b = self._export()
+        return (_rebuild, (type(self), wq, ws, self.outlier_columns, wo, b, self.threshold, self.device))
+
+    def __repr__(self):
+        return (f"Int8Linear(in_features={self.in_features}, out_features={self.out_features}, "
+                f"threshold={self.threshold:g}, outlier_columns={len(self.outlier_columns)}, "
+                f"bias={self.has_bias}, device='{self.device}', "
+                f"nbytes={self.nbytes})")

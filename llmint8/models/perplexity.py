@@ -1,0 +1,76 @@
+"""Sliding-window perplexity of a model over a token sequence."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+__all__ = ["perplexity", "token_nll"]
+
+
+def token_nll(model, tokens) -> np.ndarray:
+    """Negative log-likelihood (nats) of each predicted token of one sequence in one window.
+
+    tokens: int sequence (seq,) -> float64 array (seq-1,): -log p(tokens[t] | tokens[:t])."""
+    tokens = np.asarray(tokens, dtype=np.int64)
+    h = model.forward(tokens[None, :-1], logits=False)[0]
+    return _nll_rows(model, h, tokens[1:])
+
+
+def _nll_rows(model, h, targets, block=256):
+    out = np.empty(len(targets), dtype=np.float64)
+    for s in range(0, len(targets), block):
+        lg = model.logits_from_hidden(h[s:s + block]).astype(np.float64)
+        m = lg.max(axis=-1, keepdims=True)
+        lse = m[:, 0] + np.log(np.exp(lg - m).sum(axis=-1))
+        out[s:s + block] = lse - lg[np.arange(lg.shape[0]), targets[s:s + block]]
+    return out
+
+
+def perplexity(model, tokens, context: int = 256, stride: int = 128, progress: bool = True) -> dict:
+    """Perplexity of ``model`` over ``tokens`` (int sequence (n,)) with a sliding window.
+
+    Windows of ``context`` tokens start every ``stride`` tokens; each token is scored once, in the
+    first window where it is new, so with stride < context later tokens see at least
+    ``context - stride`` tokens of context. Returns dict(nll=mean nats per predicted token,
+    ppl=exp(nll), n_tokens=number of predicted tokens, context=..., stride=...)."""
+    tokens = np.asarray(tokens, dtype=np.int64).ravel()
+    n = len(tokens)
+    if n < 2:
+        raise ValueError(f"need at least 2 tokens for perplexity, got {n}")
+    context = int(min(context, model.config["max_seq_len"]))
+    stride = int(stride)
+    if context < 2 or not 1 <= stride <= context:
+        raise ValueError(f"expected context >= 2 and 1 <= stride <= context, got context={context} stride={stride}")
+    windows, prev_end, begin = [], 0, 0
+    while True:
+        end = min(begin + context, n)
+        first = max(prev_end, begin + 1)  # first token index scored in this window
+        if end > first:
+            windows.append((begin, end, first))
+        prev_end = end
+        if end == n:
+            break
+        begin += stride
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n - 1, desc=f"ppl {getattr(model, 'method', '')}".strip(), unit="tok", leave=False)
+    total, count = 0.0, 0
+    try:
+        for begin, end, first in windows:
+            # hidden states for inputs begin..end-2 predict tokens begin+1..end-1
+            h = model.forward(tokens[None, begin:end - 1], logits=False)[0]
+            rows = h[first - 1 - begin:]
+            nll = _nll_rows(model, rows, tokens[first:end])
+            total += float(nll.sum())
+            count += len(nll)
+            if bar is not None:
+                bar.update(len(nll))
+    finally:
+        if bar is not None:
+            bar.close()
+    mean = total / count
+    return dict(nll=mean, ppl=math.exp(mean), n_tokens=count, context=context, stride=stride)

@@ -1,0 +1,375 @@
+"""Tokenizers for the model loaders: llama2.c ``.bin`` vocabularies, vocabularies embedded in GGUF
+files (sentencepiece-style "llama" and byte-level BPE "gpt2"), and Hugging Face ``tokenizer.json``.
+
+Every tokenizer has ``encode(text, bos=True) -> list[int]``, ``decode(ids) -> str``, ``vocab_size``,
+``bos_id`` and ``eos_id`` (``None`` when the vocabulary has no such token).
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+import re
+import struct
+from typing import Iterable, Sequence
+
+__all__ = [
+    "SentencePieceBPETokenizer",
+    "HFTokenizer",
+    "load_llama2c_tokenizer",
+    "load_hf_tokenizer",
+    "tokenizer_from_gguf_fields",
+    "load_tokenizer",
+]
+
+_BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+
+class SentencePieceBPETokenizer:
+    """Score-driven BPE over sentencepiece pieces, as in llama2.c's ``run.c`` ``encode``.
+
+    Text is split into unicode characters (each must be a piece, else it falls back to its
+    UTF-8 bytes as ``<0xXX>`` pieces), then the adjacent pair whose concatenation is a piece with
+    the highest score is merged, leftmost first on ties, until no pair merges.
+
+    Args:
+        pieces: piece strings, index = token id.
+        scores: one float per piece (higher merges first).
+        bos_id, eos_id: ids of the begin/end tokens, or None.
+        space: the character pieces use for a space: " " in llama2.c files, "\u2581" in GGUF/sentencepiece.
+        add_dummy_prefix: prepend one space to the text, as sentencepiece does by default.
+        special_ids: ids never produced by merging and dropped by ``decode`` (control tokens).
+        user_defined: pieces matched verbatim in the text before merging (sentencepiece user symbols).
+    """
+
+    def __init__(self, pieces: Sequence[str], scores: Sequence[float], bos_id=None, eos_id=None,
+                 space: str = " ", add_dummy_prefix: bool = True, special_ids: Iterable[int] = (),
+                 user_defined: Iterable[str] = ()):
+        self.pieces = list(pieces)
+        self.scores = [float(s) for s in scores]
+        if len(self.scores) != len(self.pieces):
+            raise ValueError(f"tokenizer has {len(self.pieces)} pieces but {len(self.scores)} scores")
+        self.bos_id = bos_id
+        self.eos_id = eos_id
+        self.space = space
+        self.add_dummy_prefix = add_dummy_prefix
+        self.special_ids = set(int(i) for i in special_ids)
+        # later duplicates must not shadow the first id, as in run.c's sorted lookup of unique pieces
+        self._lookup: dict[str, int] = {}
+        for i, p in enumerate(self.pieces):
+            if i not in self.special_ids:
+                self._lookup.setdefault(p, i)
+        self._byte_ids: dict[int, int] = {}
+        for i, p in enumerate(self.pieces):
+            m = _BYTE_PIECE.match(p)
+            if m:
+                self._byte_ids.setdefault(int(m.group(1), 16), i)
+        self._byte_of_id = {i: b for b, i in self._byte_ids.items()}
+        ud = sorted({u for u in user_defined if u}, key=len, reverse=True)
+        self._user_re = re.compile("|".join(re.escape(u) for u in ud)) if ud else None
+        self._cache: dict[str, list[int]] = {}
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of pieces (token ids 0..vocab_size-1)."""
+        return len(self.pieces)
+
+    def _char_ids(self, text: str) -> list[int]:
+        ids = []
+        for ch in text:
+            i = self._lookup.get(ch)
+            if i is not None:
+                ids.append(i)
+                continue
+            for b in ch.encode("utf-8"):
+                j = self._byte_ids.get(b)
+                if j is None:
+                    raise ValueError(f"character {ch!r} is not in the vocabulary and it has no byte fallback pieces")
+                ids.append(j)
+        return ids
+
+    def _merge(self, ids: list[int]) -> list[int]:
+        """Greedy best-score merging with a heap; same result as run.c's quadratic loop."""
+        n = len(ids)
+        if n < 2:
+            return ids
+        toks = list(ids)
+        prev = list(range(-1, n - 1))
+        nxt = list(range(1, n + 1))
+        nxt[-1] = -1
+        alive = [True] * n
+        heap = []
+        lookup, scores, pieces = self._lookup, self.scores, self.pieces
+
+        def push(i):
+            j = nxt[i]
+            if j == -1:
+                return
+            m = lookup.get(pieces[toks[i]] + pieces[toks[j]])
+            if m is not None:
+                heapq.heappush(heap, (-scores[m], i, toks[i], toks[j], m))
+
+        for i in range(n - 1):
+            push(i)
+        while heap:
+            _, i, a, b, m = heapq.heappop(heap)
+            j = nxt[i]
+            # stale entry: one side was merged since it was pushed
+            if not alive[i] or j == -1 or toks[i] != a or toks[j] != b:
+                continue
+            toks[i] = m
+            alive[j] = False
+            nxt[i] = nxt[j]
+            if nxt[j] != -1:
+                prev[nxt[j]] = i
+            if prev[i] != -1:
+                push(prev[i])
+            push(i)
+        return [toks[i] for i in range(n) if alive[i]]
+
+    def _encode_chunk(self, chunk: str) -> list[int]:
+        out = self._cache.get(chunk)
+        if out is None:
+            out = self._merge(self._char_ids(chunk))
+            if len(self._cache) < 200_000:
+                self._cache[chunk] = out
+        return out
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        """Encode ``text`` (str) to token ids (list of int), BOS first when ``bos`` and known."""
+        ids: list[int] = []
+        if bos and self.bos_id is not None:
+            ids.append(self.bos_id)
+        if text:
+            if self.add_dummy_prefix:
+                text = " " + text
+            if self.space != " ":
+                text = text.replace(" ", self.space)
+            parts = [(False, text)]
+            if self._user_re is not None:
+                parts, pos = [], 0
+                for m in self._user_re.finditer(text):
+                    if m.start() > pos:
+                        parts.append((False, text[pos:m.start()]))
+                    parts.append((True, m.group(0)))
+                    pos = m.end()
+                if pos < len(text):
+                    parts.append((False, text[pos:]))
+            for is_user, part in parts:
+                if is_user:
+                    ids.append(self._lookup[part])
+                    continue
+                # Merges never cross a newline when no piece holds one inside, so long texts can be
+                # encoded line by line (and cached) with exactly the whole-text result.
+                for line in self._split_lines(part):
+                    ids.extend(self._encode_chunk(line))
+        if eos and self.eos_id is not None:
+            ids.append(self.eos_id)
+        return ids
+
+    def _split_lines(self, text: str) -> list[str]:
+        if not hasattr(self, "_nl_safe"):
+            self._nl_safe = not any("\n" in p and p != "\n" for i, p in enumerate(self.pieces)
+                                    if i not in self.special_ids)
+        if not self._nl_safe or len(text) < 4096:
+            return [text]
+        out = re.split(r"(\n)", text)
+        return [s for s in out if s]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Decode token ids to text; control tokens are dropped, byte pieces re-joined as UTF-8."""
+        buf = bytearray()
+        first = True
+        for i in ids:
+            i = int(i)
+            if i in self.special_ids or i == self.bos_id or i == self.eos_id:
+                continue
+            if not 0 <= i < len(self.pieces):
+                raise ValueError(f"token id {i} out of range [0, {len(self.pieces)})")
+            b = self._byte_of_id.get(i)
+            if b is not None:
+                buf.append(b)
+            else:
+                piece = self.pieces[i]
+                if self.space != " ":
+                    piece = piece.replace(self.space, " ")
+                # sentencepiece drops the dummy-prefix space of the first piece
+                if first and self.add_dummy_prefix and piece.startswith(" "):
+                    piece = piece[1:]
+                buf.extend(piece.encode("utf-8"))
+            first = False
+        return buf.decode("utf-8", errors="replace")
+
+
+def load_llama2c_tokenizer(path: str, vocab_size: int | None = None) -> SentencePieceBPETokenizer:
+    """Read a llama2.c tokenizer ``.bin``: int32 max_token_length, then per token float32 score,
+    int32 byte length, bytes. ``vocab_size`` (from the checkpoint) sets how many tokens to read;
+    by default all the file holds. BOS is id 1, EOS id 2, byte pieces ``<0xXX>`` as in run.c."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        data = f.read()
+    if size < 4:
+        raise ValueError(f"{path}: tokenizer file is {size} bytes, too short for a llama2.c tokenizer header")
+    (max_len,) = struct.unpack_from("<i", data, 0)
+    if not 0 < max_len <= 1 << 16:
+        raise ValueError(f"{path}: max_token_length {max_len} is not a plausible llama2.c tokenizer header")
+    pieces, scores = [], []
+    off = 4
+    while off < size and (vocab_size is None or len(pieces) < vocab_size):
+        if off + 8 > size:
+            raise ValueError(f"{path}: truncated at token {len(pieces)} (offset {off} of {size} bytes)")
+        score, n = struct.unpack_from("<fi", data, off)
+        if not 0 <= n <= max_len or off + 8 + n > size:
+            raise ValueError(f"{path}: token {len(pieces)} has length {n}; expected 0..{max_len} bytes within the file")
+        pieces.append(data[off + 8: off + 8 + n].decode("utf-8", errors="replace"))
+        scores.append(score)
+        off += 8 + n
+    if vocab_size is not None and len(pieces) < vocab_size:
+        raise ValueError(f"{path}: holds {len(pieces)} tokens, the model expects {vocab_size}")
+    specials = [i for i in (0, 1, 2) if i < len(pieces)]
+    return SentencePieceBPETokenizer(pieces, scores, bos_id=1, eos_id=2, space=" ",
+                                     add_dummy_prefix=True, special_ids=specials)
+
+
+class HFTokenizer:
+    """Wrapper over a ``tokenizers.Tokenizer`` giving the common ``encode``/``decode`` interface."""
+
+    def __init__(self, tok, bos_id=None, eos_id=None):
+        self.tok = tok
+        self.bos_id = bos_id
+        self.eos_id = eos_id
+
+    @property
+    def vocab_size(self) -> int:
+        """Vocabulary size including added tokens."""
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        """Encode ``text`` to ids without the tokenizer's own special-token template; BOS/EOS
+        are added here when asked for and known."""
+        ids = list(self.tok.encode(text, add_special_tokens=False).ids)
+        if bos and self.bos_id is not None:
+            ids.insert(0, self.bos_id)
+        if eos and self.eos_id is not None:
+            ids.append(self.eos_id)
+        return ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Decode ids to text, skipping special tokens."""
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def load_hf_tokenizer(folder: str, config: dict | None = None) -> HFTokenizer | None:
+    """Load ``tokenizer.json`` (or ``vocab.json`` + ``merges.txt`` byte-level BPE) from ``folder``;
+    None when neither exists. BOS/EOS ids come from ``config`` (config.json) or tokenizer_config.json."""
+    import json
+
+    import tokenizers
+
+    config = config or {}
+    tj = os.path.join(folder, "tokenizer.json")
+    if os.path.exists(tj):
+        tok = tokenizers.Tokenizer.from_file(tj)
+    else:
+        # GPT-2 style byte-level BPE: HF names (vocab.json, merges.txt) or OpenAI's (encoder.json, vocab.bpe)
+        for vocab_name, merges_name in (("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe")):
+            vp, mp = os.path.join(folder, vocab_name), os.path.join(folder, merges_name)
+            if os.path.exists(vp) and os.path.exists(mp):
+                tok = tokenizers.Tokenizer(tokenizers.models.BPE.from_file(vp, mp))
+                tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+                tok.decoder = tokenizers.decoders.ByteLevel()
+                break
+        else:
+            return None
+    bos, eos = config.get("bos_token_id"), config.get("eos_token_id")
+    tc = os.path.join(folder, "tokenizer_config.json")
+    if (bos is None or eos is None) and os.path.exists(tc):
+        with open(tc) as f:
+            tcfg = json.load(f)
+        for key in ("bos_token", "eos_token"):
+            v = tcfg.get(key)
+            if isinstance(v, dict):
+                v = v.get("content")
+            if isinstance(v, str):
+                i = tok.token_to_id(v)
+                if key == "bos_token" and bos is None:
+                    bos = i
+                if key == "eos_token" and eos is None:
+                    eos = i
+    if isinstance(eos, list):
+        eos = eos[0] if eos else None
+    return HFTokenizer(tok, bos_id=bos, eos_id=eos)
+
+
+# GGUF token types (llama.cpp): 1 normal, 2 unknown, 3 control, 4 user defined, 5 unused, 6 byte
+_CONTROL, _USER_DEFINED = 3, 4
+
+
+def tokenizer_from_gguf_fields(fields: dict):
+    """Build a tokenizer from GGUF metadata (already decoded to Python values): model "llama"
+    (sentencepiece pieces + scores) or "gpt2" (byte-level BPE with merges)."""
+    model = fields.get("tokenizer.ggml.model")
+    tokens = fields.get("tokenizer.ggml.tokens")
+    if model is None or tokens is None:
+        return None
+    types = fields.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    bos = fields.get("tokenizer.ggml.bos_token_id")
+    eos = fields.get("tokenizer.ggml.eos_token_id")
+    add_bos = fields.get("tokenizer.ggml.add_bos_token", True)
+    if model == "llama":
+        scores = fields.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
+        specials = [i for i, t in enumerate(types) if t == _CONTROL]
+        user = [tokens[i] for i, t in enumerate(types) if t == _USER_DEFINED]
+        tok = SentencePieceBPETokenizer(tokens, scores, bos_id=bos if add_bos else None, eos_id=eos,
+                                        space="\u2581",
+                                        add_dummy_prefix=bool(fields.get("tokenizer.ggml.add_space_prefix", True)),
+                                        special_ids=specials, user_defined=user)
+        tok.bos_token_id = bos
+        return tok
+    if model == "gpt2":
+        import tokenizers
+
+        merges_raw = fields.get("tokenizer.ggml.merges") or []
+        merges = [tuple(m.split(" ", 1)) for m in merges_raw]
+        vocab = {t: i for i, t in enumerate(tokens)}
+        tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=merges))
+        pre = fields.get("tokenizer.ggml.pre", "gpt2")
+        byte_level = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+        if pre in ("smollm", "qwen2", "llama-bpe", "deepseek-llm"):
+            # these split digits one by one before the GPT-2 byte-level regex
+            tok.pre_tokenizer = tokenizers.pre_tokenizers.Sequence(
+                [tokenizers.pre_tokenizers.Digits(individual_digits=True), byte_level])
+        else:
+            tok.pre_tokenizer = byte_level
+        tok.decoder = tokenizers.decoders.ByteLevel()
+        special = [tokens[i] for i, t in enumerate(types) if t == _CONTROL]
+        if special:
+            tok.add_special_tokens(special)
+        return HFTokenizer(tok, bos_id=bos if add_bos else None, eos_id=eos)
+    raise ValueError(f"GGUF tokenizer model {model!r} is not supported; expected 'llama' or 'gpt2'")
+
+
+def load_tokenizer(path: str, vocab_size: int | None = None, config: dict | None = None):
+    """Load a tokenizer from ``path``: a llama2.c ``.bin``, a ``tokenizer.json``, a folder with
+    tokenizer.json / vocab.json + merges.txt / encoder.json + vocab.bpe, or a ``.gguf`` file."""
+    if os.path.isdir(path):
+        tok = load_hf_tokenizer(path, config)
+        if tok is None:
+            raise ValueError(f"{path}: no tokenizer.json, vocab.json + merges.txt or encoder.json + vocab.bpe")
+        return tok
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"tokenizer {path!r} does not exist")
+    if path.endswith(".json"):
+        import tokenizers
+
+        config = config or {}
+        return HFTokenizer(tokenizers.Tokenizer.from_file(path), bos_id=config.get("bos_id"),
+                           eos_id=config.get("eos_id"))
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic == b"GGUF":
+        from .loaders import read_gguf
+
+        _, fields = read_gguf(path)
+        return tokenizer_from_gguf_fields(fields)
+    return load_llama2c_tokenizer(path, vocab_size)

@@ -1,0 +1,192 @@
+"""Build llmint8._C: the C extension (CPU backend, and the CUDA backend when nvcc is present).
+
+Environment:
+  LLMINT8_OPENMP=0   build without OpenMP even where the compiler supports it
+  LLMINT8_CUDA=0     build the CPU backend only, even where nvcc is found
+  LLMINT8_CUDA=1     require the CUDA backend (fail when nvcc is not found)
+  CUDA_HOME, CUDA_PATH  the CUDA toolkit (default: where nvcc on PATH lives, /usr/local/cuda)
+  LLMINT8_CUDA_ARCHS GPU architectures to compile for, e.g. "90" or "80;90"
+                     (default: sm_80, sm_86, sm_89, sm_90 and PTX for compute_90)
+"""
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CSRC = os.path.join("csrc")
+
+C_SOURCES = sorted(
+    os.path.join(CSRC, f) for f in os.listdir(os.path.join(HERE, CSRC)) if f.endswith(".c")
+)
+
+# C11 for the host code; -fno-math-errno lets lrintf inline to one instruction.
+C_FLAGS = ["-std=c11", "-O3", "-Wall", "-Wextra", "-fno-math-errno", "-fvisibility=hidden"]
+
+
+def _compiler_accepts(cc, flags):
+    """True when `cc` compiles and links a small OpenMP program with `flags`."""
+    src = "#include <omp.h>\nint main(void){int n=0;\n#pragma omp parallel reduction(+:n)\nn+=1;\nreturn n>0?0:1;}\n"
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "t.c")
+        with open(path, "w") as f:
+            f.write(src)
+        try:
+            r = subprocess.run(cc + [path, "-o", os.path.join(d, "t")] + flags,
+                               capture_output=True, timeout=60)
+        except (OSError, subprocess.SubprocessError):
+            return False
+        return r.returncode == 0
+
+
+CUDA_SOURCES = sorted(f for f in os.listdir(os.path.join(HERE, CSRC)) if f.endswith(".cu"))
+CUDA_ARCHS = ["80", "86", "89", "90"]  # Ampere, Ampere (GA10x), Ada, Hopper; PTX of the last for newer GPUs
+
+
+def _find_cuda():
+    """(cuda_home, nvcc path), or (None, None) when no toolkit is found."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        home = os.environ.get(var)
+        if home and os.path.isfile(os.path.join(home, "bin", "nvcc")):
+            return home, os.path.join(home, "bin", "nvcc")
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        return os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), nvcc
+    if os.path.isfile("/usr/local/cuda/bin/nvcc"):
+        return "/usr/local/cuda", "/usr/local/cuda/bin/nvcc"
+    return None, None
+
+
+def _cuda_lib_dir(home):
+    for sub in ("lib64", "lib", os.path.join("targets", "x86_64-linux", "lib"), os.path.join("targets", "sbsa-linux", "lib")):
+        d = os.path.join(home, sub)
+        if os.path.isfile(os.path.join(d, "libcudart.so")):
+            return d
+    raise RuntimeError(f"llmint8: libcudart.so not found under {home}; set CUDA_HOME")
+
+
+def _gencode_flags():
+    archs = [a.strip().replace("sm_", "") for a in os.environ.get("LLMINT8_CUDA_ARCHS", "").replace(",", ";").split(";")
+             if a.strip()] or CUDA_ARCHS
+    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    flags.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")  # PTX: newer GPUs JIT it
+    return flags, " ".join([f"sm_{a}" for a in archs] + [f"compute_{archs[-1]}"])
+
+
+def _local_includes(path, seen=None):
+    """The csrc headers `path` includes with #include "...", recursively."""
+    seen = set() if seen is None else seen
+    with open(path, encoding="utf-8") as f:
+        for name in re.findall(r'^\s*#\s*include\s+"([^"]+)"', f.read(), re.M):
+            h = os.path.join(HERE, CSRC, name)
+            if h not in seen and os.path.isfile(h):
+                seen.add(h)
+                _local_includes(h, seen)
+    return seen
+
+
+class BuildExt(build_ext):
+    def _build_cuda(self, nvcc, gencode):
+        """Compile csrc/*.cu with nvcc into build_temp (files in parallel, each one's
+        architectures in parallel too); skip objects newer than every source and header
+        and built with the same flags (recorded in flags.txt beside the objects, so that
+        a change of LLMINT8_CUDA_ARCHS or of nvcc recompiles everything)."""
+        out_dir = os.path.join(self.build_temp, "cuda")
+        os.makedirs(out_dir, exist_ok=True)
+        flags = ["-O3", "-std=c++17", "--threads", "0", "-Xcompiler", "-fPIC,-fvisibility=hidden,-Wall",
+                 "-DLLMINT8_CUDA=1", "-I" + os.path.join(HERE, CSRC)] + gencode
+        flags_file = os.path.join(out_dir, "flags.txt")
+        signature = "\n".join([nvcc] + flags) + "\n"
+        try:
+            with open(flags_file, encoding="utf-8") as f:
+                same_flags = f.read() == signature
+        except OSError:
+            same_flags = False
+        jobs, objects = [], []
+        for name in CUDA_SOURCES:
+            src = os.path.join(HERE, CSRC, name)
+            obj = os.path.join(out_dir, name + ".o")
+            objects.append(obj)
+            newest = max(os.path.getmtime(f) for f in [src, *_local_includes(src)])
+            if self.force or not same_flags or not os.path.exists(obj) or os.path.getmtime(obj) < newest:
+                jobs.append([nvcc] + flags + ["-c", src, "-o", obj])
+
+        def run(cmd):
+            t0 = time.time()
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            return cmd, r, time.time() - t0
+
+        t0 = time.time()
+        with ThreadPoolExecutor(max_workers=max(1, len(jobs))) as pool:
+            for cmd, r, dt in pool.map(run, jobs):
+                name = os.path.basename(cmd[-3])
+                if r.returncode != 0:
+                    raise RuntimeError(f"llmint8: nvcc failed on {name}:\n{r.stdout}{r.stderr}")
+                if r.stderr.strip():
+                    print(r.stderr.strip())
+                print(f"llmint8: nvcc {name} ({dt:.1f} s)")
+        if jobs:
+            print(f"llmint8: CUDA sources compiled in {time.time() - t0:.1f} s")
+        if not same_flags:  # only once every object has been built with these flags
+            with open(flags_file, "w", encoding="utf-8") as f:
+                f.write(signature)
+        return objects
+
+    def _setup_cuda(self, ext):
+        mode = os.environ.get("LLMINT8_CUDA", "").strip()
+        if mode == "0":
+            print("llmint8: LLMINT8_CUDA=0: building the CPU backend only")
+            return
+        home, nvcc = _find_cuda()
+        if not nvcc:
+            if mode == "1":
+                raise RuntimeError("llmint8: LLMINT8_CUDA=1 but nvcc was not found; set CUDA_HOME or put nvcc on PATH")
+            print("llmint8: nvcc not found; building the CPU backend only (set CUDA_HOME to build the CUDA backend)")
+            return
+        lib = _cuda_lib_dir(home)
+        gencode, arch_names = _gencode_flags()
+        objects = self._build_cuda(nvcc, gencode)
+        ext.extra_objects.extend(objects)
+        # setuptools relinks only when sources + depends are newer than the .so: a
+        # recompiled CUDA object must relink too (extra_objects are not compared)
+        ext.depends.extend(objects)
+        ext.include_dirs.append(os.path.join(home, "include"))
+        ext.library_dirs.append(lib)
+        ext.runtime_library_dirs.append(lib)  # rpath: libcudart loads without a GPU; the driver is found at run time
+        ext.libraries.extend(["cublasLt", "cudart", "stdc++"])
+        ext.define_macros.extend([("LLMINT8_CUDA", "1"), ("LLMINT8_CUDA_ARCHS", f'"{arch_names}"')])
+
+    def build_extensions(self):
+        for ext in self.extensions:
+            self._setup_cuda(ext)
+        cc = list(self.compiler.compiler_so[:1]) if hasattr(self.compiler, "compiler_so") else ["cc"]
+        use_omp = os.environ.get("LLMINT8_OPENMP", "1") != "0" and _compiler_accepts(cc, ["-fopenmp"])
+        for ext in self.extensions:
+            if use_omp:
+                ext.extra_compile_args.append("-fopenmp")
+                ext.extra_link_args.append("-fopenmp")
+                ext.define_macros.append(("LLMINT8_OPENMP", "1"))
+            else:
+                print("llmint8: building without OpenMP (the CPU backend runs on one thread)")
+        super().build_extensions()
+
+
+ext = Extension(
+    "llmint8._C",
+    sources=C_SOURCES,
+    include_dirs=[np.get_include(), CSRC],
+    define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_23_API_VERSION")],
+    extra_compile_args=list(C_FLAGS),
+    extra_link_args=[],
+    depends=[os.path.join(CSRC, f) for f in os.listdir(os.path.join(HERE, CSRC)) if f.endswith(".h")],
+)
+
+setup(ext_modules=[ext], cmdclass={"build_ext": BuildExt})
