@@ -144,12 +144,14 @@ class BuildExt(build_ext):
         mode = os.environ.get("LLMINT8_CUDA", "").strip()
         if mode == "0":
             print("llmint8: LLMINT8_CUDA=0: building the CPU backend only")
+            ext.define_macros.append(("LLMINT8_CUDA_OFF", '"LLMINT8_CUDA=0"'))  # build_info()["cuda_off"]
             return
         home, nvcc = _find_cuda()
         if not nvcc:
             if mode == "1":
                 raise RuntimeError("llmint8: LLMINT8_CUDA=1 but nvcc was not found; set CUDA_HOME or put nvcc on PATH")
             print("llmint8: nvcc not found; building the CPU backend only (set CUDA_HOME to build the CUDA backend)")
+            ext.define_macros.append(("LLMINT8_CUDA_OFF", '"nvcc not found"'))
             return
         lib = _cuda_lib_dir(home)
         gencode, arch_names = _gencode_flags()

@@ -915,6 +915,15 @@ static PyObject *py_build_info(PyObject *mod, PyObject *unused) {
         Py_XDECREF(v);
         Py_XDECREF(a);
     }
+#else
+    if (d) { /* why this build has no CUDA backend */
+#ifndef LLMINT8_CUDA_OFF
+#define LLMINT8_CUDA_OFF "not configured"
+#endif
+        PyObject *r = PyUnicode_FromString(LLMINT8_CUDA_OFF);
+        if (!r || PyDict_SetItemString(d, "cuda_off", r) < 0) Py_CLEAR(d);
+        Py_XDECREF(r);
+    }
 #endif
     Py_XDECREF(kerr);
     return d;

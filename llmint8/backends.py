@@ -32,7 +32,8 @@ def resolve_device(device):
 
 def build_info():
     """How the extension was built and what it runs: OpenMP, CUDA (version, architectures),
-    compiler, the CPU GEMM kernel in use (``cpu_kernel``) and those available (``cpu_kernels``)."""
+    compiler, the CPU GEMM kernel in use (``cpu_kernel``) and those available (``cpu_kernels``);
+    in a build without CUDA, ``cuda_off`` says why ("LLMINT8_CUDA=0" or "nvcc not found")."""
     return _C.build_info()
 
 

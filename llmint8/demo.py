@@ -72,8 +72,12 @@ def run(size=4096, tokens=(1, 32, 512), repeat=5, seed=0):
     for m in tokens:
         x16 = x_all[:m]
         x32 = x16.astype(np.float32)
+        # BLAS and OpenMP worker threads spin for a while after a call and would steal the
+        # other side's cores: each side gets its own block, with a pause in between
         t_np = _median_ms(lambda: x32 @ w32.T, repeat)
+        time.sleep(0.5)
         t_l8 = _median_ms(lambda: layer(x16), repeat)
+        time.sleep(0.5)
         results.setdefault("time_ms", {})[m] = {"numpy_fp32": t_np, "int8linear": t_l8}
         print(f"{m:>6}  {t_np:>10.2f}  {t_l8:>10.2f}  {t_l8 / t_np:>6.2f}")
     print("\n(Int8Linear: fp16 in/out, threshold 6.0, calibrated outlier columns; "
