@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# One command for a machine with a GPU: build llmint8 for that GPU, run the CUDA tests and
+# the backend-parametrized suites on cuda, compute-sanitizer (memcheck, racecheck,
+# initcheck) on a short program that walks every CUDA path, the CUDA-graph capture check,
+# and the GPU benchmark. Logs go to $OUT when set, else ./gpu-check-logs; the last lines
+# printed are a one-screen summary. Budget: under 8 minutes on an H100/H200.
+#
+#   bash benchmarks/gpu_check.sh            # everything
+#   GPU_CHECK_SKIP="bench sanitize" bash benchmarks/gpu_check.sh
+#
+# Environment: PYTHON (default python3), LLMINT8_CUDA_ARCHS (default: the GPU's own,
+# read from nvidia-smi, else 90), GPU_CHECK_SKIP (phases to leave out: build tests
+# sanitize graph bench).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+LOG=${OUT:-./gpu-check-logs}
+mkdir -p "$LOG"
+PY=${PYTHON:-python3}
+SKIP=" ${GPU_CHECK_SKIP:-} "
+SUMMARY="$LOG/summary.txt"
+: >"$SUMMARY"
+export PYTHONUNBUFFERED=1
+
+phase() {  # phase NAME TIMEOUT_S CMD...: run CMD with its output in $LOG/NAME.log, record the outcome
+    local name=$1 limit=$2; shift 2
+    if [[ $SKIP == *" $name "* ]]; then
+        printf '%-10s skipped (GPU_CHECK_SKIP)\n' "$name" >>"$SUMMARY"; return 0
+    fi
+    local t0=$SECONDS rc
+    echo "=== $name: $*"
+    timeout --kill-after=10 "$limit" "$@" >"$LOG/$name.log" 2>&1
+    rc=$?
+    local verdict=ok
+    ((rc == 124 || rc == 137)) && verdict="TIMEOUT after ${limit}s"
+    ((rc != 0 && rc != 124 && rc != 137)) && verdict="FAILED (exit $rc)"
+    local tail_line
+    tail_line=$(grep -E "passed|failed|error|ERROR SUMMARY|gpu_smoke:|graph:" "$LOG/$name.log" | tail -n 2 | tr '\n' ' ')
+    printf '%-10s %-22s %4ds  %s\n' "$name" "$verdict" $((SECONDS - t0)) "${tail_line:0:120}" >>"$SUMMARY"
+    tail -n 25 "$LOG/$name.log"
+    return $rc
+}
+
+{
+    date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
+    nvcc --version | tail -n 2; $PY -c "import sys, numpy; print(sys.version.split()[0], 'numpy', numpy.__version__)"
+    git log -1 --format='commit %H %s' 2>/dev/null || true
+} >"$LOG/env.log" 2>&1
+cat "$LOG/env.log"
+
+if [[ -z ${LLMINT8_CUDA_ARCHS:-} ]]; then
+    cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d ' .')
+    export LLMINT8_CUDA_ARCHS=${cap:-90}
+fi
+SAN=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)
+
+phase build 300 env LLMINT8_CUDA=1 $PY -m pip install --no-build-isolation --no-deps -v -e . || {
+    cat "$SUMMARY"; exit 1; }
+$PY -c "import llmint8, json; print(json.dumps(llmint8.build_info())); print('cuda_available', llmint8.cuda_available())" \
+    | tee -a "$LOG/env.log"
+
+phase tests 240 $PY -m pytest -q -p no:cacheprovider -o addopts="" -rfE --junitxml="$LOG/tests.xml" \
+    tests/test_cuda.py tests/test_linear.py tests/test_errors.py tests/test_stress.py
+phase smoke 60 $PY benchmarks/gpu_smoke.py
+phase graph 60 $PY benchmarks/gpu_smoke.py --graph
+if [[ -n $SAN ]]; then
+    for tool in memcheck racecheck initcheck; do
+        extra=()
+        [[ $tool == memcheck ]] && extra=(--leak-check full)
+        phase "$tool" 120 "$SAN" --tool "$tool" "${extra[@]}" --error-exitcode 99 $PY benchmarks/gpu_smoke.py
+    done
+else
+    echo "sanitize   compute-sanitizer not found" >>"$SUMMARY"
+fi
+phase bench 180 $PY benchmarks/bench_linear.py --quick --iters 50
+
+echo
+echo "=============== gpu_check summary ($(date -u +%FT%TZ), logs in $LOG)"
+head -n 3 "$LOG/env.log"
+cat "$SUMMARY"
+echo "--- bench"
+grep -A 20 -- "-----" "$LOG/bench.log" 2>/dev/null | head -n 20
