@@ -1,9 +1,15 @@
-"""Build llmint8._C: the C extension (CPU backend, and the CUDA backend when nvcc is present).
+"""Build llmint8's two C extensions:
+
+  llmint8._C     the op oracles, the CPU backend and the Int8Linear type (csrc/core,
+                 csrc/python); links no CUDA library, so `import llmint8` never maps one.
+  llmint8._cuda  the CUDA backend (csrc/cuda, csrc/python/cuda_*.c), built when nvcc is
+                 found; links libcudart and libcublasLt and is imported on first CUDA use.
 
 Environment:
   LLMINT8_OPENMP=0   build without OpenMP even where the compiler supports it
   LLMINT8_CUDA=0     build the CPU backend only, even where nvcc is found
-  LLMINT8_CUDA=1     require the CUDA backend (fail when nvcc is not found)
+  LLMINT8_CUDA=1     require the CUDA backend (fail when nvcc is not found or fails; without
+                     this, a failing nvcc leaves a CPU-only build and says why)
   CUDA_HOME, CUDA_PATH  the CUDA toolkit (default: where nvcc on PATH lives, /usr/local/cuda)
   LLMINT8_CUDA_ARCHS GPU architectures to compile for, e.g. "90" or "80;90"
                      (default: sm_80, sm_86, sm_89, sm_90 and PTX for compute_90)
@@ -22,11 +28,23 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CSRC = os.path.join("csrc")
+CSRC = "csrc"
 
-C_SOURCES = sorted(
-    os.path.join(CSRC, f) for f in os.listdir(os.path.join(HERE, CSRC)) if f.endswith(".c")
-)
+
+def _files(folder, suffix):
+    d = os.path.join(HERE, CSRC, folder)
+    return sorted(os.path.join(CSRC, folder, f) for f in os.listdir(d) if f.endswith(suffix))
+
+
+# _C: the op oracles and CPU backend (core/) and the Python bindings (python/, except the
+# CUDA module's files, named cuda_*). _cuda: its bindings, the shared error helper, the
+# core file with l8_fail and the NaN scan, and the CUDA objects (cuda/*.cu, built by nvcc).
+C_SOURCES = _files("core", ".c") + [f for f in _files("python", ".c") if not os.path.basename(f).startswith("cuda_")]
+CUDA_EXT_SOURCES = [f for f in _files("python", ".c") if os.path.basename(f).startswith("cuda_")] + [
+    os.path.join(CSRC, "python", "errors.c"), os.path.join(CSRC, "core", "quantize.c")]
+CUDA_SOURCES = _files("cuda", ".cu")
+INCLUDE_DIRS = [os.path.join(CSRC, d) for d in ("core", "cuda", "python")]
+HEADERS = [f for d in ("core", "cuda", "python") for f in _files(d, ".h")]
 
 # C11 for the host code; -fno-math-errno lets lrintf inline to one instruction.
 C_FLAGS = ["-std=c11", "-O3", "-Wall", "-Wextra", "-fno-math-errno", "-fvisibility=hidden"]
@@ -47,7 +65,6 @@ def _compiler_accepts(cc, flags):
         return r.returncode == 0
 
 
-CUDA_SOURCES = sorted(f for f in os.listdir(os.path.join(HERE, CSRC)) if f.endswith(".cu"))
 CUDA_ARCHS = ["80", "86", "89", "90"]  # Ampere, Ampere (GA10x), Ada, Hopper; PTX of the last for newer GPUs
 
 
@@ -86,10 +103,11 @@ def _local_includes(path, seen=None):
     seen = set() if seen is None else seen
     with open(path, encoding="utf-8") as f:
         for name in re.findall(r'^\s*#\s*include\s+"([^"]+)"', f.read(), re.M):
-            h = os.path.join(HERE, CSRC, name)
-            if h not in seen and os.path.isfile(h):
-                seen.add(h)
-                _local_includes(h, seen)
+            for d in INCLUDE_DIRS:
+                h = os.path.join(HERE, d, name)
+                if h not in seen and os.path.isfile(h):
+                    seen.add(h)
+                    _local_includes(h, seen)
     return seen
 
 
@@ -102,7 +120,7 @@ class BuildExt(build_ext):
         out_dir = os.path.join(self.build_temp, "cuda")
         os.makedirs(out_dir, exist_ok=True)
         flags = ["-O3", "-std=c++17", "--threads", "0", "-Xcompiler", "-fPIC,-fvisibility=hidden,-Wall",
-                 "-DLLMINT8_CUDA=1", "-I" + os.path.join(HERE, CSRC)] + gencode
+                 "-DLLMINT8_CUDA=1"] + ["-I" + os.path.join(HERE, d) for d in INCLUDE_DIRS] + gencode
         flags_file = os.path.join(out_dir, "flags.txt")
         signature = "\n".join([nvcc] + flags) + "\n"
         try:
@@ -111,9 +129,9 @@ class BuildExt(build_ext):
         except OSError:
             same_flags = False
         jobs, objects = [], []
-        for name in CUDA_SOURCES:
-            src = os.path.join(HERE, CSRC, name)
-            obj = os.path.join(out_dir, name + ".o")
+        for src in CUDA_SOURCES:
+            src = os.path.join(HERE, src)
+            obj = os.path.join(out_dir, os.path.basename(src) + ".o")
             objects.append(obj)
             newest = max(os.path.getmtime(f) for f in [src, *_local_includes(src)])
             if self.force or not same_flags or not os.path.exists(obj) or os.path.getmtime(obj) < newest:
@@ -140,55 +158,80 @@ class BuildExt(build_ext):
                 f.write(signature)
         return objects
 
-    def _setup_cuda(self, ext):
+    def _cuda_off(self, c_ext, reason):
+        """Build without llmint8._cuda; _C records why (build_info()["cuda_off"])."""
+        c_ext.define_macros.append(("LLMINT8_CUDA_OFF", '"%s"' % reason.replace('"', "'")))
+        self.extensions = [e for e in self.extensions if e.name != "llmint8._cuda"]
+        stale = self.get_ext_fullpath("llmint8._cuda")
+        if self.inplace and os.path.exists(stale):  # an earlier in-place build's module must not load
+            os.remove(stale)
+
+    def _setup_cuda(self, c_ext, cuda_ext):
+        """Configure llmint8._cuda, or drop it (and say why) when CUDA is off or unavailable."""
         mode = os.environ.get("LLMINT8_CUDA", "").strip()
         if mode == "0":
             print("llmint8: LLMINT8_CUDA=0: building the CPU backend only")
-            ext.define_macros.append(("LLMINT8_CUDA_OFF", '"LLMINT8_CUDA=0"'))  # build_info()["cuda_off"]
-            return
+            return self._cuda_off(c_ext, "LLMINT8_CUDA=0")
         home, nvcc = _find_cuda()
         if not nvcc:
             if mode == "1":
                 raise RuntimeError("llmint8: LLMINT8_CUDA=1 but nvcc was not found; set CUDA_HOME or put nvcc on PATH")
             print("llmint8: nvcc not found; building the CPU backend only (set CUDA_HOME to build the CUDA backend)")
-            ext.define_macros.append(("LLMINT8_CUDA_OFF", '"nvcc not found"'))
-            return
-        lib = _cuda_lib_dir(home)
+            return self._cuda_off(c_ext, "nvcc not found")
         gencode, arch_names = _gencode_flags()
-        objects = self._build_cuda(nvcc, gencode)
-        ext.extra_objects.extend(objects)
+        try:
+            lib = _cuda_lib_dir(home)
+            objects = self._build_cuda(nvcc, gencode)
+        except RuntimeError as e:
+            if mode == "1":
+                raise
+            print(f"llmint8: WARNING: the CUDA backend failed to build; building the CPU backend only\n{e}")
+            return self._cuda_off(c_ext, "the CUDA backend failed to build (see the build log)")
+        cuda_ext.extra_objects.extend(objects)
         # setuptools relinks only when sources + depends are newer than the .so: a
         # recompiled CUDA object must relink too (extra_objects are not compared)
-        ext.depends.extend(objects)
-        ext.include_dirs.append(os.path.join(home, "include"))
-        ext.library_dirs.append(lib)
-        ext.runtime_library_dirs.append(lib)  # rpath: libcudart loads without a GPU; the driver is found at run time
-        ext.libraries.extend(["cublasLt", "cudart", "stdc++"])
-        ext.define_macros.extend([("LLMINT8_CUDA", "1"), ("LLMINT8_CUDA_ARCHS", f'"{arch_names}"')])
+        cuda_ext.depends.extend(objects)
+        cuda_ext.include_dirs.append(os.path.join(home, "include"))
+        cuda_ext.library_dirs.append(lib)
+        cuda_ext.runtime_library_dirs.append(lib)  # rpath: libcudart loads without a GPU; the driver at run time
+        cuda_ext.libraries.extend(["cublasLt", "cudart", "stdc++"])
+        cuda_ext.define_macros.extend([("LLMINT8_CUDA", "1"), ("LLMINT8_CUDA_ARCHS", f'"{arch_names}"')])
 
     def build_extensions(self):
-        for ext in self.extensions:
-            self._setup_cuda(ext)
+        by_name = {e.name: e for e in self.extensions}
+        self._setup_cuda(by_name["llmint8._C"], by_name["llmint8._cuda"])
         cc = list(self.compiler.compiler_so[:1]) if hasattr(self.compiler, "compiler_so") else ["cc"]
         use_omp = os.environ.get("LLMINT8_OPENMP", "1") != "0" and _compiler_accepts(cc, ["-fopenmp"])
-        for ext in self.extensions:
-            if use_omp:
-                ext.extra_compile_args.append("-fopenmp")
-                ext.extra_link_args.append("-fopenmp")
-                ext.define_macros.append(("LLMINT8_OPENMP", "1"))
-            else:
-                print("llmint8: building without OpenMP (the CPU backend runs on one thread)")
+        c_ext = by_name["llmint8._C"]  # OpenMP is the CPU backend's alone
+        if use_omp:
+            c_ext.extra_compile_args.append("-fopenmp")
+            c_ext.extra_link_args.append("-fopenmp")
+            c_ext.define_macros.append(("LLMINT8_OPENMP", "1"))
+        else:
+            print("llmint8: building without OpenMP (the CPU backend runs on one thread)")
         super().build_extensions()
 
+    def build_extension(self, ext):
+        # each module's objects in a folder of its own: both compile some of the same
+        # sources (errors.c, quantize.c) with different flags
+        base = self.build_temp
+        self.build_temp = os.path.join(base, ext.name.rsplit(".", 1)[-1])
+        try:
+            super().build_extension(ext)
+        finally:
+            self.build_temp = base
 
-ext = Extension(
-    "llmint8._C",
-    sources=C_SOURCES,
-    include_dirs=[np.get_include(), CSRC],
-    define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_23_API_VERSION")],
-    extra_compile_args=list(C_FLAGS),
-    extra_link_args=[],
-    depends=[os.path.join(CSRC, f) for f in os.listdir(os.path.join(HERE, CSRC)) if f.endswith(".h")],
-)
 
-setup(ext_modules=[ext], cmdclass={"build_ext": BuildExt})
+def _extension(name, sources, extra_flags=()):
+    return Extension(name, sources=sources, include_dirs=[np.get_include()] + INCLUDE_DIRS,
+                     define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_23_API_VERSION")],
+                     extra_compile_args=C_FLAGS + list(extra_flags), depends=list(HEADERS))
+
+
+extensions = [
+    _extension("llmint8._C", C_SOURCES),
+    # the CUDA module's copy of core/quantize.c is compiled without OpenMP
+    _extension("llmint8._cuda", CUDA_EXT_SOURCES, ["-Wno-unknown-pragmas"]),
+]
+
+setup(ext_modules=extensions, cmdclass={"build_ext": BuildExt})

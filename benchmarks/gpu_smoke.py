@@ -14,8 +14,9 @@ import sys
 import numpy as np
 
 import llmint8
-from llmint8 import _C
 from llmint8 import cuda as lcuda
+
+_cuda = lcuda._module()
 
 
 def cases():
@@ -58,14 +59,14 @@ def main(argv=None):
         a = rng.integers(-127, 128, size=(m, kk), dtype=np.int8)
         bb = rng.integers(-127, 128, size=(nn, kk), dtype=np.int8)
         for path in (("gemv", "cublaslt") if m <= 8 else ("cublaslt",)):
-            c = _C._int8_matmul_cuda(lcuda.to_device(a), lcuda.to_device(bb), path=path).numpy()
+            c = _cuda._int8_matmul_cuda(lcuda.to_device(a), lcuda.to_device(bb), path=path).numpy()
             if not np.array_equal(c, a.astype(np.int64) @ bb.astype(np.int64).T):
                 bad += 1
                 print(f"MISMATCH int8 gemm {path} m={m} n={nn} k={kk}")
     # the fp16 baseline against float64
     x16 = rng.standard_normal((16, k)).astype(np.float16)
     w16 = w.astype(np.float16)
-    y = _C._fp16_linear(lcuda.to_device(x16), lcuda.to_device(w16)).numpy().astype(np.float64)
+    y = _cuda._fp16_linear(lcuda.to_device(x16), lcuda.to_device(w16)).numpy().astype(np.float64)
     ref = x16.astype(np.float64) @ w16.astype(np.float64).T
     e = np.abs(y - ref).max() / np.abs(ref).max()
     if not e < 2e-3:
@@ -78,24 +79,35 @@ def main(argv=None):
 
 
 def graph_case(w, b, rng):
-    """Capture one forward into a CUDA graph and replay it on new input."""
-    capture = getattr(_C, "_cuda_graph_capture", None)
-    if capture is None:
-        print("graph: this build has no _cuda_graph_capture helper; skipped")
-        return 0
+    """Capture one forward into a CUDA graph on an explicit stream; replay it on new input."""
     k = w.shape[1]
-    dev = llmint8.Int8Linear.from_float(w, bias=b, threshold=6.0, device="cuda")
-    cpu = llmint8.Int8Linear.from_float(w, bias=b, threshold=6.0, device="cpu")
-    x1 = rng.standard_normal((64, k)).astype(np.float16)
-    x1[:, 5] = 30
-    xd = lcuda.to_device(x1)
-    out = {}
-    graph = capture(lambda: out.__setitem__("y", dev.forward(xd, out_dtype=np.float16)))
-    graph.replay()
-    lcuda.synchronize()
-    ok = np.array_equal(out["y"].numpy(), cpu.forward(x1, out_dtype=np.float16))
-    print(f"graph: capture and replay {'matched' if ok else 'MISMATCH'}")
-    return 0 if ok else 1
+    dev = llmint8.Int8Linear.from_float(w, bias=b, threshold=6.0, outlier_columns=[3], device="cuda")
+    cpu = llmint8.Int8Linear.from_float(w, bias=b, threshold=6.0, outlier_columns=[3], device="cpu")
+    bad = 0
+    s = _cuda._stream_create()
+    try:
+        lcuda.set_stream(s)
+        for m in (4, 64):
+            x1 = rng.standard_normal((m, k)).astype(np.float16)
+            xd = lcuda.to_device(x1)
+            dev.forward(xd, out_dtype=np.float16)  # warm-up: algorithm choice and pool growth
+            lcuda.synchronize()
+            out = {}
+            graph = _cuda._graph_capture(lambda: out.__setitem__("y", dev.forward(xd, out_dtype=np.float16)))
+            x2 = rng.standard_normal((m, k)).astype(np.float16)
+            x2[:, 5] = 30  # a dynamic outlier column the capture never saw
+            _cuda._copy_into(xd, x2)
+            graph.replay()
+            lcuda.synchronize()
+            ok = np.array_equal(out["y"].numpy(), cpu.forward(x2, out_dtype=np.float16))
+            print(f"graph: m={m}, {graph.nodes} nodes, capture and replay {'matched' if ok else 'MISMATCH'}")
+            bad += not ok
+            del graph, out, xd
+            lcuda.synchronize()
+    finally:
+        lcuda.set_stream(0)
+        _cuda._stream_destroy(s)
+    return bad
 
 
 if __name__ == "__main__":

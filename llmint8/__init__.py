@@ -26,7 +26,7 @@ from .quant import (
     quantize_zeropoint,
     relative_error,
 )
-from .cuda import DeviceArray, get_stream, is_device_array, set_stream, synchronize, to_device
+from .cuda import get_stream, is_device_array, set_stream, synchronize, to_device
 from .synthetic import paper_like
 
 __all__ = [
@@ -36,3 +36,9 @@ __all__ = [
     "find_outlier_columns", "int8_matmul", "matmul", "relative_error", "paper_like",
     "DeviceArray", "to_device", "is_device_array", "set_stream", "get_stream", "synchronize",
 ]
+
+
+def __getattr__(name):
+    if name == "DeviceArray":  # lives in llmint8._cuda, which loads on first CUDA use
+        return cuda.DeviceArray
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -8,12 +8,11 @@ __all__ = ["backends", "cuda_available", "resolve_device", "build_info", "set_nu
 
 
 def cuda_available():
-    """True when llmint8 was built with CUDA and a usable GPU and driver are present. Never raises."""
-    try:
-        probe = getattr(_C, "cuda_available", None)
-        return bool(probe()) if probe is not None else False
-    except Exception:  # a broken driver must not break the CPU path
-        return False
+    """True when llmint8's CUDA backend is built and loads and a usable GPU and driver are
+    present. Never raises; the first call imports llmint8._cuda (see llmint8.cuda)."""
+    from . import cuda
+
+    return cuda.available()
 
 
 def backends():
@@ -31,10 +30,23 @@ def resolve_device(device):
 
 
 def build_info():
-    """How the extension was built and what it runs: OpenMP, CUDA (version, architectures),
-    compiler, the CPU GEMM kernel in use (``cpu_kernel``) and those available (``cpu_kernels``);
-    in a build without CUDA, ``cuda_off`` says why ("LLMINT8_CUDA=0" or "nvcc not found")."""
-    return _C.build_info()
+    """How the extensions were built and what they run: OpenMP, the compiler, the CPU GEMM
+    kernel in use (``cpu_kernel``) and those available (``cpu_kernels``), and CUDA:
+    ``cuda`` is True when the CUDA backend was built and loads (then ``cuda_version`` and
+    ``cuda_archs`` say what it was compiled with and for); otherwise ``cuda_off`` says why
+    ("LLMINT8_CUDA=0", "nvcc not found", or the error that kept llmint8._cuda from loading).
+    Loads llmint8._cuda where it was built."""
+    from . import cuda
+
+    info = dict(_C.build_info())
+    built = info.pop("cuda_built", False)
+    m = cuda._module() if built else None
+    info["cuda"] = m is not None
+    if m is not None:
+        info.update(m.build_info())
+    elif built:
+        info["cuda_off"] = cuda._load_error()
+    return info
 
 
 def cpu_kernels():

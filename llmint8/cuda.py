@@ -7,6 +7,11 @@ CuPy, JAX and PyTorch through ``__dlpack__`` and ``__cuda_array_interface__`` (v
 PyTorch CUDA array) and returns a DeviceArray without a host round trip; given a NumPy
 array it copies in and out and returns NumPy.
 
+The CUDA backend is its own extension module, ``llmint8._cuda``, imported on first CUDA
+use (any function here, or the first layer with device="cuda"): ``import llmint8`` maps no
+CUDA library. Where that module was not built or cannot load (a missing libcudart or
+libcublasLt, say), ``available()`` is False and ``unavailable_reason()`` says why.
+
 All GPU work is queued on one stream, the current stream (``set_stream``); it starts as
 the legacy default stream. Example with PyTorch::
 
@@ -36,53 +41,104 @@ Notes:
 """
 from __future__ import annotations
 
+import numpy as np
+
 from . import _C
+
+_DLPACK_CUDA = (2, 13)  # kDLCUDA, kDLCUDAManaged
 
 __all__ = ["available", "device_count", "unavailable_reason", "DeviceArray", "to_device", "is_device_array",
            "set_stream", "get_stream", "synchronize"]
 
-_BUILT = hasattr(_C, "to_device")
+_state = {"module": None, "error": None}
 
-#: The device array type (None in builds without CUDA).
-DeviceArray = getattr(_C, "DeviceArray", None)
+
+def _module():
+    """llmint8._cuda, imported on first use; None when it was not built or cannot load
+    (``_load_error()`` then says why). Never raises."""
+    if _state["module"] is None and _state["error"] is None:
+        info = _C.build_info()
+        if not info.get("cuda_built"):
+            _state["error"] = (f"llmint8 was built without the CUDA backend ({info.get('cuda_off', 'unknown reason')}); "
+                               "rebuild with the CUDA toolkit (nvcc) on PATH")
+        else:
+            try:
+                from . import _cuda
+                _state["module"] = _cuda
+            except (ImportError, OSError) as e:  # a missing or too old libcudart / libcublasLt
+                _state["error"] = f"llmint8._cuda could not be loaded: {e}"
+    return _state["module"]
+
+
+def _load_error():
+    """Why llmint8._cuda is not loaded (a str), or None once it is."""
+    _module()
+    return _state["error"]
 
 
 def _need():
-    if not _BUILT:
-        raise RuntimeError("this build of llmint8 has no CUDA backend; rebuild with the CUDA toolkit (nvcc) on PATH")
+    m = _module()
+    if m is None:
+        raise RuntimeError(f"CUDA is not available: {_state['error']}")
+    return m
+
+
+def __getattr__(name):
+    if name == "DeviceArray":  # the type lives in llmint8._cuda: load it only when asked for
+        m = _module()
+        return m.DeviceArray if m is not None else None
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def available() -> bool:
-    """True when the CUDA backend is built and a GPU and driver are usable. Never raises."""
+    """True when the CUDA backend is built and loads, and a GPU and driver are usable. Never raises."""
     try:
-        return bool(_C.cuda_available())
+        m = _module()
+        return bool(m is not None and m.cuda_available())
     except Exception:
         return False
 
 
 def device_count() -> int:
     """Number of usable CUDA devices (0 without a GPU, a driver, or the CUDA backend)."""
-    return _C.cuda_device_count() if _BUILT else 0
+    m = _module()
+    return m.cuda_device_count() if m is not None else 0
 
 
 def unavailable_reason():
     """Why CUDA cannot be used (a str), or None when it can."""
-    if not _BUILT:
-        return "llmint8 was built without the CUDA backend (no nvcc at build time, or LLMINT8_CUDA=0)"
-    return _C.cuda_unavailable_reason()
+    m = _module()
+    if m is None:
+        return _state["error"]
+    return m.cuda_unavailable_reason()
 
 
 def to_device(a, device="cuda"):
     """Copy a host array (float16, float32, int8 or int32, up to 8-D) to the GPU -> DeviceArray.
 
     device: "cuda" or "cuda:N". A DeviceArray already on that device is returned as is."""
-    _need()
-    return _C.to_device(a, device)
+    return _need().to_device(a, device)
 
 
 def is_device_array(x) -> bool:
-    """True for a DeviceArray or any object exporting CUDA memory by DLPack or the CUDA Array Interface."""
-    return bool(_C.is_device_array(x)) if _BUILT else False
+    """True for a DeviceArray or any object exporting CUDA memory by DLPack or the CUDA Array Interface.
+
+    Looks only at the object (no import of the CUDA backend, no GPU call): CPU layers ask
+    this of every input."""
+    m = _state["module"]
+    if m is not None and isinstance(x, m.DeviceArray):
+        return True
+    if isinstance(x, np.ndarray):
+        return False
+    if hasattr(x, "__cuda_array_interface__"):
+        return True
+    dev = getattr(x, "__dlpack_device__", None)
+    if dev is None:
+        return False
+    try:
+        return dev()[0] in _DLPACK_CUDA
+    except Exception:
+        return False
 
 
 def set_stream(handle: int) -> None:
@@ -92,19 +148,16 @@ def set_stream(handle: int) -> None:
     ValueError: that handle names a different stream in every thread, so pass an explicit
     stream handle instead. The stream must belong to the layers' device and outlive the
     arrays made while it is current."""
-    _need()
-    _C.set_stream(int(handle))
+    _need().set_stream(int(handle))
 
 
 def get_stream() -> int:
     """The current stream as the protocols number it (1: legacy default)."""
-    _need()
-    return _C.get_stream()
+    return _need().get_stream()
 
 
 def synchronize() -> None:
     """Wait until the work queued on the current stream is done.
 
     With the legacy default stream, that stream of every device llmint8 has used."""
-    _need()
-    _C.synchronize()
+    _need().synchronize()

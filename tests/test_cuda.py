@@ -19,7 +19,8 @@ import llmint8
 from llmint8 import _C
 from llmint8 import cuda as lcuda
 
-BUILT_WITH_CUDA = bool(_C.build_info().get("cuda"))
+BUILT_WITH_CUDA = bool(llmint8.build_info().get("cuda"))  # built, and the module loads
+_cuda = lcuda._module()  # llmint8._cuda, or None
 HAVE_GPU = llmint8.cuda_available()
 REASON = lcuda.unavailable_reason() or ""
 
@@ -84,18 +85,19 @@ class DLPackOnly:
 
 def test_cuda_available_is_a_bool_and_never_raises():
     assert isinstance(llmint8.cuda_available(), bool)
-    assert isinstance(_C.cuda_available(), bool)
+    if _cuda is not None:
+        assert isinstance(_cuda.cuda_available(), bool)
     assert isinstance(lcuda.available(), bool)
 
 
 def test_build_info_reports_cuda_when_nvcc_is_present():
-    if _C.build_info().get("cuda_off") == "LLMINT8_CUDA=0":  # recorded at build time
+    if llmint8.build_info().get("cuda_off") == "LLMINT8_CUDA=0":  # recorded at build time
         pytest.skip("LLMINT8_CUDA=0: a CPU-only build was asked for")
     nvcc = shutil.which("nvcc") or any(
         os.path.isfile(os.path.join(os.environ.get(v, ""), "bin", "nvcc")) for v in ("CUDA_HOME", "CUDA_PATH"))
     if not nvcc:
         pytest.skip("no nvcc here: the build is expected to be CPU-only")
-    info = _C.build_info()
+    info = llmint8.build_info()
     assert info["cuda"] is True, "nvcc is present but the extension was built without CUDA"
     if not os.environ.get("LLMINT8_CUDA_ARCHS"):  # the default list
         assert info["cuda_archs"].split() == ["sm_80", "sm_86", "sm_89", "sm_90", "compute_90"]
@@ -127,13 +129,13 @@ def test_without_gpu_to_device_raises_runtime_error():
         lcuda.to_device(np.zeros(4, np.float32))
     if BUILT_WITH_CUDA:
         with pytest.raises(RuntimeError, match="(?i)cuda"):
-            _C.to_device(np.zeros(4, np.float32))
+            _cuda.to_device(np.zeros(4, np.float32))
 
 
 @built
 def test_device_array_cannot_be_made_directly():
     with pytest.raises(TypeError):
-        _C.DeviceArray()
+        _cuda.DeviceArray()
 
 
 @built
@@ -167,30 +169,30 @@ def test_cuda_array_interface_parsing_errors_need_no_gpu():
 
     w = Fake(shape=(4, 8))
     with pytest.raises(ValueError, match="negative dimension"):
-        _C._fp16_linear(Fake(shape=(-1, 8)), w)
+        _cuda._fp16_linear(Fake(shape=(-1, 8)), w)
     with pytest.raises(TypeError, match="typestr"):
-        _C._fp16_linear(Fake(typestr="<f8"), w)
+        _cuda._fp16_linear(Fake(typestr="<f8"), w)
     with pytest.raises(ValueError, match="contiguous"):
-        _C._fp16_linear(Fake(strides=(32, 4)), w)
+        _cuda._fp16_linear(Fake(strides=(32, 4)), w)
     with pytest.raises(TypeError, match="lacks shape"):
-        _C._fp16_linear(Fake(shape=None), w)
+        _cuda._fp16_linear(Fake(shape=None), w)
     with pytest.raises(TypeError, match="float16"):
-        _C._fp16_linear(Fake(typestr="<f4"), w)
+        _cuda._fp16_linear(Fake(typestr="<f4"), w)
     with pytest.raises(TypeError, match="device array"):
-        _C._fp16_linear(np.zeros((2, 8), np.float16), w)
+        _cuda._fp16_linear(np.zeros((2, 8), np.float16), w)
     # data 0 is an empty array in CAI v3: not valid with elements
     with pytest.raises(ValueError, match="data pointer 0"):
-        _C._fp16_linear(Fake(), w)
+        _cuda._fp16_linear(Fake(), w)
     # misaligned imports are refused before any CUDA call (no sticky misaligned-address error)
     with pytest.raises(ValueError, match="not 2-byte aligned"):
-        _C._fp16_linear(Fake(data=(1, False)), w)
+        _cuda._fp16_linear(Fake(data=(1, False)), w)
     with pytest.raises(ValueError, match="not 4-byte aligned"):
-        _C._int8_matmul_cuda(Fake(typestr="<i4", data=(4098, False)), w)
+        _cuda._int8_matmul_cuda(Fake(typestr="<i4", data=(4098, False)), w)
     # sizes that overflow 64 bits
     with pytest.raises(ValueError, match="too large"):
-        _C._fp16_linear(Fake(shape=(1 << 62, 1 << 62)), w)
+        _cuda._fp16_linear(Fake(shape=(1 << 62, 1 << 62)), w)
     with pytest.raises(ValueError, match="too large"):
-        _C._fp16_linear(Fake(shape=(1 << 40, 1 << 40, 1 << 40)), w)
+        _cuda._fp16_linear(Fake(shape=(1 << 40, 1 << 40, 1 << 40)), w)
 
 
 class _DLPackVersion(ctypes.Structure):
@@ -225,14 +227,14 @@ def test_newer_dlpack_major_version_is_a_buffer_error_and_is_released():
             return (2, 0)
 
     with pytest.raises(BufferError, match="DLPack 2.0"):
-        _C._fp16_linear(Producer(), Producer())
+        _cuda._fp16_linear(Producer(), Producer())
     assert calls == [ctypes.addressof(mt)]  # the consumer calls the deleter, as the spec requires
 
 
 @built
 def test_set_stream_refuses_the_per_thread_default_stream():
     with pytest.raises(ValueError, match="explicit stream handle"):
-        _C.set_stream(2)
+        _cuda.set_stream(2)
     with pytest.raises(ValueError, match="explicit stream handle"):
         lcuda.set_stream(2)
 
@@ -247,7 +249,7 @@ def test_without_gpu_synchronize_raises_runtime_error():
 def test_cpu_only_helpers_raise_clearly_when_not_built():
     if BUILT_WITH_CUDA:
         pytest.skip("this build has the CUDA backend")
-    assert _C.cuda_available() is False
+    assert llmint8.cuda_available() is False
     with pytest.raises(RuntimeError, match="without the CUDA backend|no CUDA backend"):
         lcuda.to_device(np.zeros(2, np.float32))
 
@@ -265,7 +267,7 @@ def test_int8_gemm_is_exact(path, m, n, k):
     rng = np.random.default_rng(m * 1000 + n + k)
     a = rng.integers(-127, 128, size=(m, k), dtype=np.int8)
     b = rng.integers(-127, 128, size=(n, k), dtype=np.int8)
-    c = _C._int8_matmul_cuda(lcuda.to_device(a), lcuda.to_device(b), path=path)
+    c = _cuda._int8_matmul_cuda(lcuda.to_device(a), lcuda.to_device(b), path=path)
     assert c.shape == (m, n) and c.dtype == np.int32
     np.testing.assert_array_equal(c.numpy(), a.astype(np.int64) @ b.astype(np.int64).T)
 
@@ -275,10 +277,10 @@ def test_int8_gemm_is_exact(path, m, n, k):
 def test_int8_gemm_empty_shapes(path):
     a = lcuda.to_device(np.zeros((5, 0), np.int8))
     b = lcuda.to_device(np.zeros((6, 0), np.int8))
-    c = _C._int8_matmul_cuda(a, b, path=path)  # k == 0: an empty sum
+    c = _cuda._int8_matmul_cuda(a, b, path=path)  # k == 0: an empty sum
     assert c.shape == (5, 6)
     np.testing.assert_array_equal(c.numpy(), 0)
-    c = _C._int8_matmul_cuda(lcuda.to_device(np.ones((5, 4), np.int8)), lcuda.to_device(np.ones((0, 4), np.int8)),
+    c = _cuda._int8_matmul_cuda(lcuda.to_device(np.ones((5, 4), np.int8)), lcuda.to_device(np.ones((0, 4), np.int8)),
                              path=path)
     assert c.shape == (5, 0)
 
@@ -286,12 +288,12 @@ def test_int8_gemm_empty_shapes(path):
 @gpu
 def test_fp16_linear_empty_shapes():
     b = np.arange(4, dtype=np.float16)
-    y = _C._fp16_linear(lcuda.to_device(np.zeros((3, 0), np.float16)), lcuda.to_device(np.zeros((4, 0), np.float16)),
+    y = _cuda._fp16_linear(lcuda.to_device(np.zeros((3, 0), np.float16)), lcuda.to_device(np.zeros((4, 0), np.float16)),
                         lcuda.to_device(b))
     np.testing.assert_array_equal(y.numpy(), np.broadcast_to(b, (3, 4)))  # k == 0: the bias alone
-    y = _C._fp16_linear(lcuda.to_device(np.zeros((3, 0), np.float16)), lcuda.to_device(np.zeros((4, 0), np.float16)))
+    y = _cuda._fp16_linear(lcuda.to_device(np.zeros((3, 0), np.float16)), lcuda.to_device(np.zeros((4, 0), np.float16)))
     np.testing.assert_array_equal(y.numpy(), 0)
-    y = _C._fp16_linear(lcuda.to_device(np.ones((3, 8), np.float16)), lcuda.to_device(np.ones((0, 8), np.float16)))
+    y = _cuda._fp16_linear(lcuda.to_device(np.ones((3, 8), np.float16)), lcuda.to_device(np.ones((0, 8), np.float16)))
     assert y.shape == (3, 0)
 
 
@@ -301,9 +303,9 @@ def test_int8_gemm_extreme_values_are_exact():
     a = np.full((12, k), -127, np.int8)
     b = np.full((20, k), -127, np.int8)
     for path in ("cublaslt", "auto"):
-        c = _C._int8_matmul_cuda(lcuda.to_device(a), lcuda.to_device(b), path=path).numpy()
+        c = _cuda._int8_matmul_cuda(lcuda.to_device(a), lcuda.to_device(b), path=path).numpy()
         assert (c == 127 * 127 * k).all()
-    c = _C._int8_matmul_cuda(lcuda.to_device(a[:8]), lcuda.to_device(b), path="gemv").numpy()
+    c = _cuda._int8_matmul_cuda(lcuda.to_device(a[:8]), lcuda.to_device(b), path="gemv").numpy()
     assert (c == 127 * 127 * k).all()
 
 
@@ -537,10 +539,10 @@ def test_fp16_linear_baseline():
     w = (rng.standard_normal((40, 96)) * 0.1).astype(np.float16)
     b = rng.standard_normal(40).astype(np.float16)
     want = x.astype(np.float64) @ w.astype(np.float64).T + b
-    y = _C._fp16_linear(lcuda.to_device(x), lcuda.to_device(w), lcuda.to_device(b))
+    y = _cuda._fp16_linear(lcuda.to_device(x), lcuda.to_device(w), lcuda.to_device(b))
     assert y.dtype == np.float16 and y.shape == (17, 40)
     assert rel_err(y.numpy(), want) <= FP16_LINEAR_REL
-    y0 = _C._fp16_linear(lcuda.to_device(x), lcuda.to_device(w))
+    y0 = _cuda._fp16_linear(lcuda.to_device(x), lcuda.to_device(w))
     assert rel_err(y0.numpy(), want - b) <= FP16_LINEAR_REL
 
 
@@ -548,10 +550,10 @@ def test_fp16_linear_baseline():
 def test_cuda_time_returns_one_time_per_call():
     _, dev = make_layers(32, 64, 6.0)
     xd = lcuda.to_device(activations(4, 64))
-    times = _C._cuda_time(lambda: dev(xd), 5, flush_bytes=1 << 20)
+    times = _cuda._cuda_time(lambda: dev(xd), 5, flush_bytes=1 << 20)
     assert len(times) == 5 and all(t >= 0.0 for t in times)
     with pytest.raises(ZeroDivisionError):
-        _C._cuda_time(lambda: 1 / 0, 2)
+        _cuda._cuda_time(lambda: 1 / 0, 2)
 
 
 # ====================================================================== errors
@@ -559,8 +561,10 @@ def test_cuda_time_returns_one_time_per_call():
 @gpu
 def test_device_input_errors():
     _, dev = make_layers(16, 32, 6.0)
-    with pytest.raises(ValueError, match="in_features"):
+    with pytest.raises(ValueError, match=r"\(\.\.\., 32\)"):
         dev(lcuda.to_device(np.zeros((2, 31), np.float32)))
+    with pytest.raises(ValueError, match="in_features = 32"):
+        dev.forward(lcuda.to_device(np.zeros((2, 31), np.float32)))
     with pytest.raises(TypeError, match="float16 or float32"):
         dev.forward(lcuda.to_device(np.zeros((2, 32), np.int8)))
     with pytest.raises(TypeError, match="out_dtype"):
@@ -582,5 +586,133 @@ def test_out_of_memory_is_a_memory_error_and_the_layer_survives():
     x = activations(4, 32)
     assert dev(x).shape == (4, 16)
     with pytest.raises(MemoryError):
-        _C._fp16_linear(CAIOnly(lcuda.to_device(np.zeros((4, 8), np.float16)), shape=(1 << 40, 8)),
+        _cuda._fp16_linear(CAIOnly(lcuda.to_device(np.zeros((4, 8), np.float16)), shape=(1 << 40, 8)),
                         lcuda.to_device(np.zeros((4, 8), np.float16)))
+
+
+# ====================================================================== loading
+
+def _maps_after(code):
+    """Run `code` in a fresh interpreter, then report which CUDA libraries it has mapped."""
+    import subprocess
+    import sys
+    prog = (code + "\nimport re\nmaps = open('/proc/self/maps').read()\n"
+            "print(sorted(set(re.findall(r'lib(cudart|cublasLt|cublas|cuda)\\.so', maps))))")
+    r = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip().splitlines()[-1]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc/self/maps (Linux)")
+def test_import_maps_no_cuda_library():
+    # import, CPU layers, the primitives and the CPU-only queries stay clear of CUDA
+    code = ("import numpy as np, llmint8\n"
+            "w = np.random.default_rng(0).standard_normal((8, 16)).astype(np.float32)\n"
+            "layer = llmint8.Int8Linear.from_float(w, device='cpu')\n"
+            "layer(np.ones((2, 16), np.float32)); llmint8.matmul(np.ones((2, 16), np.float32), w, 'llm.int8')\n"
+            "llmint8.cpu_kernels(); llmint8.is_device_array(np.zeros(3))")
+    assert _maps_after(code) == "[]"
+
+
+@built
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc/self/maps (Linux)")
+def test_cuda_module_loads_on_first_cuda_use():
+    mapped = _maps_after("import llmint8\nllmint8.cuda_available()")
+    assert "cudart" in mapped and "cublasLt" in mapped
+
+
+def test_a_cuda_module_that_cannot_load_makes_cuda_unavailable(tmp_path):
+    # a stand-in llmint8._cuda that fails as a missing libcublasLt would
+    import subprocess
+    import sys
+    pkg = os.path.dirname(llmint8.__file__)
+    shadow = tmp_path / "shadow"
+    (shadow / "llmint8").mkdir(parents=True)
+    for name in os.listdir(pkg):  # the real package, with _cuda replaced by a broken one
+        if name.startswith("_cuda") or name == "__pycache__":
+            continue
+        os.symlink(os.path.join(pkg, name), shadow / "llmint8" / name)
+    (shadow / "llmint8" / "_cuda.py").write_text(
+        "raise ImportError('libcublasLt.so.13: cannot open shared object file: No such file or directory')\n")
+    prog = ("import numpy as np, llmint8\n"
+            "print(llmint8.cuda_available(), llmint8.backends())\n"
+            "print(llmint8.cuda.unavailable_reason())\n"
+            "info = llmint8.build_info(); print(info['cuda'], info.get('cuda_off'))\n"
+            "try:\n"
+            "    llmint8.Int8Linear.from_float(np.ones((4, 8), np.float32), device='cuda')\n"
+            "except RuntimeError as e:\n"
+            "    print('RuntimeError', e)\n"
+            "print(llmint8.Int8Linear.from_float(np.ones((4, 8), np.float32), device='cpu')(np.ones((1, 8), np.float32)).shape)\n")
+    env = dict(os.environ, PYTHONPATH=str(shadow))
+    r = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, timeout=120, env=env,
+                       cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    out = r.stdout.splitlines()
+    assert out[0] == "False ['cpu']"
+    if _C.build_info().get("cuda_built"):
+        assert "libcublasLt" in out[1]
+        assert out[2].startswith("False ") and "libcublasLt" in out[2]
+        assert out[3].startswith("RuntimeError") and "could not be loaded" in out[3] and "libcublasLt" in out[3]
+    else:  # a CPU-only build never tries to load it
+        assert "without the CUDA backend" in out[1]
+        assert out[3].startswith("RuntimeError")
+    assert out[4] == "(1, 4)"
+
+
+# ====================================================================== graphs and streams
+
+@gpu
+@pytest.mark.parametrize("m", [4, 300])
+def test_forward_captured_in_a_cuda_graph_replays_on_new_input(m):
+    k, n = 256, 192
+    cpu, dev = make_layers(n, k, 6.0, known=(7, 100))
+    s = _cuda._stream_create()
+    try:
+        lcuda.set_stream(s)
+        x1 = activations(m, k, n_outlier_cols=3, seed=1, dtype=np.float16)
+        xd = lcuda.to_device(x1)
+        dev.forward(xd, out_dtype=np.float16)  # warm: algorithms and pool on first use
+        lcuda.synchronize()
+        out = {}
+        graph = _cuda._graph_capture(lambda: out.__setitem__("y", dev.forward(xd, out_dtype=np.float16)))
+        assert graph.nodes > 0
+        for seed in (2, 3):  # new values, other outlier columns: the graph recomputes them
+            x2 = activations(m, k, n_outlier_cols=5, seed=seed, dtype=np.float16)
+            _cuda._copy_into(xd, x2)
+            graph.replay()
+            lcuda.synchronize()
+            np.testing.assert_array_equal(out["y"].numpy(), cpu.forward(x2, out_dtype=np.float16))
+        del graph, out, xd
+        lcuda.synchronize()
+    finally:
+        lcuda.set_stream(0)
+        _cuda._stream_destroy(s)
+
+
+@gpu
+def test_graph_capture_needs_an_explicit_stream():
+    with pytest.raises(ValueError, match="legacy default stream"):
+        _cuda._graph_capture(lambda: None)
+
+
+@gpu
+def test_two_streams_on_one_layer_match_cpu():
+    k, n = 512, 320
+    cpu, dev = make_layers(n, k, 6.0)
+    streams = [_cuda._stream_create() for _ in range(2)]
+    xs = [activations(m, k, n_outlier_cols=2, seed=10 + m) for m in (5, 200)]
+    try:
+        outs = []
+        for s, x in zip(streams, xs):  # queued on two streams, neither waits for the other
+            lcuda.set_stream(s)
+            outs.append((s, dev.forward(lcuda.to_device(x))))
+        for (s, y), x in zip(outs, xs):
+            lcuda.set_stream(s)
+            lcuda.synchronize()
+            np.testing.assert_array_equal(y.numpy(), cpu.forward(x))
+        del outs, y
+    finally:
+        lcuda.set_stream(0)
+        lcuda.synchronize()
+        for s in streams:
+            _cuda._stream_destroy(s)

@@ -19,25 +19,12 @@
 #include "cpu_features.h"
 #include "gemm.h"
 #include "quantize.h"
-#ifdef LLMINT8_CUDA
-#include "cuda_common.h"
-#ifndef LLMINT8_CUDA_ARCHS
-#define LLMINT8_CUDA_ARCHS "unknown"
-#endif
-#endif
+#include "cuda_api.h"
+#include "dlpack.h"
 
 static struct PyModuleDef l8_module_def;
 
 /* ================================================================== helpers */
-
-PyObject *l8_raise(const l8_status *st) {
-    PyObject *type = st->code == L8_ERR_TYPE    ? PyExc_TypeError
-                     : st->code == L8_ERR_VALUE ? PyExc_ValueError
-                     : st->code == L8_ERR_NOMEM ? PyExc_MemoryError
-                                                : PyExc_RuntimeError;
-    PyErr_SetString(type, st->msg[0] ? st->msg : "llmint8: unknown error");
-    return NULL;
-}
 
 /* The module (borrowed) that created tp or one of its bases (Python subclasses). */
 static PyObject *module_of_type(PyTypeObject *tp) {
@@ -507,18 +494,79 @@ static int parse_device(PyObject *obj, int *device) {
     return -1;
 }
 
-static const l8_backend *backend_for(l8_state *st, int device, void **ctx) {
-    (void)st;
-    *ctx = NULL;
-    if (device < 0) return &l8_cpu_backend;
-#ifdef LLMINT8_CUDA
-    return l8_cuda_backend_for(st, device, ctx);
-#else
-    PyErr_SetString(PyExc_RuntimeError,
-                    "device 'cuda' requested but this build of llmint8 has no CUDA backend; "
-                    "use device='cpu' or rebuild with the CUDA toolkit (nvcc) on PATH");
+/* llmint8._cuda's table, importing that module on first use (it links the CUDA
+ * libraries; this module does not). RuntimeError naming the cause when it cannot load. */
+static const l8_cuda_api *cuda_api(l8_state *st) {
+    if (st->cuda_api) return st->cuda_api;
+#ifdef LLMINT8_CUDA_OFF
+    PyErr_Format(PyExc_RuntimeError, "device 'cuda' requested but this build of llmint8 has no CUDA backend (%s); "
+                 "use device='cpu' or rebuild with the CUDA toolkit (nvcc) on PATH", LLMINT8_CUDA_OFF);
     return NULL;
+#else
+    PyObject *mod = PyImport_ImportModule("llmint8._cuda");
+    if (!mod) {
+        /* chain the import error: it says which library or symbol is missing */
+#if PY_VERSION_HEX >= 0x030C0000
+        PyObject *cause = PyErr_GetRaisedException();
+        PyErr_Format(PyExc_RuntimeError, "device 'cuda' requested but llmint8's CUDA backend could not be loaded "
+                     "(%S); use device='cpu'", cause ? cause : Py_None);
+        PyObject *err = PyErr_GetRaisedException();
+        if (err && cause) PyException_SetCause(err, cause); else Py_XDECREF(cause);
+        PyErr_SetRaisedException(err);
+#else
+        PyObject *et, *ev, *tb;
+        PyErr_Fetch(&et, &ev, &tb);
+        PyErr_NormalizeException(&et, &ev, &tb);
+        PyErr_Format(PyExc_RuntimeError, "device 'cuda' requested but llmint8's CUDA backend could not be loaded "
+                     "(%S); use device='cpu'", ev ? ev : Py_None);
+        Py_XDECREF(et); Py_XDECREF(ev); Py_XDECREF(tb);
 #endif
+        return NULL;
+    }
+    const l8_cuda_api *api = PyCapsule_Import(L8_CUDA_API_CAPSULE, 0);
+    if (!api) {
+        Py_DECREF(mod);
+        return NULL;
+    }
+    if (api->version != L8_CUDA_API_VERSION || api->layer_size != sizeof(l8_layer) ||
+        api->backend_size != sizeof(l8_backend)) {
+        Py_DECREF(mod);
+        PyErr_SetString(PyExc_RuntimeError, "llmint8._cuda comes from another build of llmint8 than llmint8._C; "
+                        "reinstall llmint8");
+        return NULL;
+    }
+    st->cuda_module = mod;
+    st->cuda_api = api;
+    return api;
+#endif
+}
+
+/* A CUDA array of any producer, told without importing llmint8._cuda: the CUDA Array
+ * Interface, or a DLPack device of type CUDA. Never raises. */
+static int looks_like_device_array(PyObject *x) {
+    if (PyArray_Check(x)) return 0;
+    if (PyObject_HasAttrString(x, "__cuda_array_interface__")) return 1;
+    if (!PyObject_HasAttrString(x, "__dlpack_device__")) return 0;
+    PyObject *dev = PyObject_CallMethod(x, "__dlpack_device__", NULL);
+    int type = 0, id = 0;
+    if (!dev) {
+        PyErr_Clear();
+        return 0;
+    }
+    if (!PyArg_ParseTuple(dev, "ii", &type, &id)) PyErr_Clear();
+    Py_DECREF(dev);
+    return type == kDLCUDA || type == kDLCUDAManaged;
+}
+
+static const l8_backend *backend_for(l8_state *st, int device, void **ctx, PyObject **cuda_module) {
+    *ctx = NULL;
+    *cuda_module = NULL;
+    if (device < 0) return &l8_cpu_backend;
+    const l8_cuda_api *api = cuda_api(st);
+    if (!api) return NULL;
+    const l8_backend *be = api->backend_for(st->cuda_module, device, ctx);
+    if (be) *cuda_module = Py_NewRef(st->cuda_module);
+    return be;
 }
 
 static PyObject *linear_new(PyTypeObject *tp, PyObject *args, PyObject *kw) {
@@ -608,7 +656,7 @@ static PyObject *linear_new(PyTypeObject *tp, PyObject *args, PyObject *kw) {
     L->threshold = thr;
     if (!(L->outlier_cols = l8_malloc_array((size_t)no, sizeof(int32_t)))) { PyErr_NoMemory(); goto fail; }
     if (no) memcpy(L->outlier_cols, PyArray_DATA(cols), (size_t)no * sizeof(int32_t));
-    const l8_backend *be = backend_for(st, device, &L->backend_ctx);
+    const l8_backend *be = backend_for(st, device, &L->backend_ctx, &self->cuda_module);
     if (!be) goto fail;
     if (device < 0) {
         l8_kernel kern;
@@ -640,6 +688,7 @@ static void linear_dealloc(PyObject *op) {
     l8_Int8LinearObject *self = (l8_Int8LinearObject *)op;
     PyTypeObject *tp = Py_TYPE(op);
     l8_layer_release(&self->layer);
+    Py_CLEAR(self->cuda_module); /* after the release: the layer's context lives in its state */
     Py_CLEAR(self->module);
     tp->tp_free(op);
     Py_DECREF(tp);
@@ -661,9 +710,10 @@ static PyObject *linear_forward(PyObject *op, PyObject *args, PyObject *kw) {
     PyArray_Descr *od = NULL;
     if (!PyArg_ParseTupleAndKeywords(args, kw, "O|O&:forward", kwlist, &xo, PyArray_DescrConverter2, &od))
         return NULL;
-#ifdef LLMINT8_CUDA
     /* device arrays stay on the device: no host round trip */
-    if (l8_cuda_is_device_input(PyModule_GetState(self->module), xo)) {
+    const l8_cuda_api *api =
+        self->cuda_module ? ((l8_state *)PyModule_GetState(self->module))->cuda_api : NULL; /* CUDA layers only */
+    if (api ? api->is_device_input(self->cuda_module, xo) : looks_like_device_array(xo)) {
         PyObject *r = NULL;
         if (L->device < 0)
             PyErr_SetString(PyExc_TypeError, "x is a CUDA device array but this layer is on the cpu; pass a NumPy "
@@ -671,11 +721,10 @@ static PyObject *linear_forward(PyObject *op, PyObject *args, PyObject *kw) {
         else if (od && od->type_num != NPY_HALF && od->type_num != NPY_FLOAT)
             PyErr_Format(PyExc_TypeError, "out_dtype must be float16 or float32, got %S", (PyObject *)od);
         else
-            r = l8_cuda_forward_device(self->module, L, xo, od ? od->type_num : -1);
+            r = api->forward_device(self->cuda_module, L, xo, od ? od->type_num : -1);
         Py_XDECREF(od);
         return r;
     }
-#endif
     PyArrayObject *x = as_float(xo, "x", 2, 2), *y = NULL;
     if (!x) goto fail;
     if (PyArray_DIM(x, 1) != L->in_features) {
@@ -870,10 +919,10 @@ static PyObject *py_build_info(PyObject *mod, PyObject *unused) {
 #else
     PyObject *omp = Py_False;
 #endif
-#ifdef LLMINT8_CUDA
-    PyObject *cuda = Py_True;
+#ifdef LLMINT8_CUDA_OFF
+    PyObject *cuda = Py_False; /* llmint8._cuda was not built */
 #else
-    PyObject *cuda = Py_False;
+    PyObject *cuda = Py_True;  /* llmint8._cuda was built beside this module (it may still fail to load) */
 #endif
     l8_kernel kern;
     PyObject *kname, *kerr = NULL;
@@ -896,7 +945,7 @@ static PyObject *py_build_info(PyObject *mod, PyObject *unused) {
         kname = Py_None;
     }
     PyObject *kernels = py_cpu_kernels(mod, NULL);
-    PyObject *d = kname && kernels ? Py_BuildValue("{s:O,s:O,s:s,s:O,s:O}", "openmp", omp, "cuda", cuda, "compiler",
+    PyObject *d = kname && kernels ? Py_BuildValue("{s:O,s:O,s:s,s:O,s:O}", "openmp", omp, "cuda_built", cuda, "compiler",
 #ifdef __VERSION__
                          __VERSION__,
 #else
@@ -906,20 +955,8 @@ static PyObject *py_build_info(PyObject *mod, PyObject *unused) {
     Py_XDECREF(kname);
     Py_XDECREF(kernels);
     if (d && kerr && PyDict_SetItemString(d, "cpu_kernel_error", kerr) < 0) Py_CLEAR(d);
-#ifdef LLMINT8_CUDA
-    if (d) { /* the toolkit it was compiled with and the GPU architectures it carries code for */
-        PyObject *v = Py_BuildValue("(ii)", CUDART_VERSION / 1000, CUDART_VERSION % 1000 / 10);
-        PyObject *a = PyUnicode_FromString(LLMINT8_CUDA_ARCHS);
-        if (!v || !a || PyDict_SetItemString(d, "cuda_version", v) < 0 || PyDict_SetItemString(d, "cuda_archs", a) < 0)
-            Py_CLEAR(d);
-        Py_XDECREF(v);
-        Py_XDECREF(a);
-    }
-#else
+#ifdef LLMINT8_CUDA_OFF
     if (d) { /* why this build has no CUDA backend */
-#ifndef LLMINT8_CUDA_OFF
-#define LLMINT8_CUDA_OFF "not configured"
-#endif
         PyObject *r = PyUnicode_FromString(LLMINT8_CUDA_OFF);
         if (!r || PyDict_SetItemString(d, "cuda_off", r) < 0) Py_CLEAR(d);
         Py_XDECREF(r);
@@ -928,13 +965,6 @@ static PyObject *py_build_info(PyObject *mod, PyObject *unused) {
     Py_XDECREF(kerr);
     return d;
 }
-
-#ifndef LLMINT8_CUDA
-static PyObject *py_cuda_available(PyObject *mod, PyObject *unused) {
-    (void)mod; (void)unused;
-    Py_RETURN_FALSE; /* built without the CUDA backend */
-}
-#endif
 
 static PyMethodDef module_methods[] = {
     {"quantize_absmax", py_quantize_absmax, METH_O, quantize_absmax_doc},
@@ -949,10 +979,6 @@ static PyMethodDef module_methods[] = {
     {"set_num_threads", py_set_num_threads, METH_O, "set_num_threads(n): OpenMP threads for CPU work (0 = default)."},
     {"get_num_threads", py_get_num_threads, METH_NOARGS, "get_num_threads() -> threads used for CPU work."},
     {"build_info", py_build_info, METH_NOARGS, "build_info() -> dict: how this extension was built."},
-#ifndef LLMINT8_CUDA
-    {"cuda_available", py_cuda_available, METH_NOARGS,
-     "cuda_available() -> bool: False, this build has no CUDA backend (never raises)."},
-#endif
     {"cpu_kernels", py_cpu_kernels, METH_NOARGS,
      "cpu_kernels() -> list of str: the CPU GEMM kernels this CPU and build can run, slowest first."},
     {"set_cpu_kernel", py_set_cpu_kernel, METH_O,
@@ -966,7 +992,8 @@ static int module_exec(PyObject *m) {
     if (_import_array() < 0) return -1;
     l8_state *st = PyModule_GetState(m);
     st->num_threads = 0;
-    st->cuda = NULL;
+    st->cuda_module = NULL; /* llmint8._cuda loads on the first CUDA layer */
+    st->cuda_api = NULL;
     /* LLMINT8_CPU_KERNEL is read once, here; a bad value raises when a kernel is needed */
     st->cpu_kernel = -1;
     st->cpu_kernel_bad[0] = 0;
@@ -981,36 +1008,26 @@ static int module_exec(PyObject *m) {
     st->Int8Linear_type = (PyTypeObject *)PyType_FromModuleAndSpec(m, &linear_spec, NULL);
     if (!st->Int8Linear_type) return -1;
     if (PyModule_AddType(m, st->Int8Linear_type) < 0) return -1;
-#ifdef LLMINT8_CUDA
-    /* no CUDA call here: a build with CUDA imports on machines without a GPU or driver */
-    if (l8_cuda_module_exec(m, st) < 0) return -1;
-#endif
     return 0;
 }
 
 static int module_traverse(PyObject *m, visitproc visit, void *arg) {
     l8_state *st = PyModule_GetState(m);
     Py_VISIT(st->Int8Linear_type);
-#ifdef LLMINT8_CUDA
-    Py_VISIT(st->DeviceArray_type);
-#endif
+    Py_VISIT(st->cuda_module);
     return 0;
 }
 
 static int module_clear(PyObject *m) {
     l8_state *st = PyModule_GetState(m);
     Py_CLEAR(st->Int8Linear_type);
-#ifdef LLMINT8_CUDA
-    Py_CLEAR(st->DeviceArray_type);
-#endif
+    Py_CLEAR(st->cuda_module);
+    st->cuda_api = NULL;
     return 0;
 }
 
 static void module_free(void *m) {
     module_clear((PyObject *)m);
-#ifdef LLMINT8_CUDA
-    l8_cuda_module_free(PyModule_GetState((PyObject *)m)); /* every layer using it is gone */
-#endif
 }
 
 static PyModuleDef_Slot module_slots[] = {

@@ -2,7 +2,7 @@
  *
  * Include this (not Python.h / numpy headers directly) in any file that touches
  * Python objects. module.c owns the NumPy API table; other files see it through
- * PY_ARRAY_UNIQUE_SYMBOL with NO_IMPORT_ARRAY. */
+ * PY_ARRAY_UNIQUE_SYMBOL with NO_IMPORT_ARRAY. llmint8._cuda (cuda_module.c) likewise owns its own. */
 #ifndef LLMINT8_PY_H
 #define LLMINT8_PY_H
 
@@ -22,38 +22,24 @@
 typedef struct {
     PyTypeObject *Int8Linear_type;
     int num_threads;   /* OpenMP threads for CPU work; 0 = OpenMP's default */
-    void *cuda;        /* the CUDA backend's context (handles, workspace, pools); NULL when absent */
+    PyObject *cuda_module;    /* llmint8._cuda once a CUDA layer has loaded it (cuda_api.h), else NULL */
+    const void *cuda_api;     /* its l8_cuda_api table */
     int cpu_kernel;    /* CPU GEMM kernel (l8_kernel) from LLMINT8_CPU_KERNEL or set_cpu_kernel; -1 = best */
     char cpu_kernel_bad[32]; /* an LLMINT8_CPU_KERNEL naming no kernel: ValueError when a kernel is needed */
-#ifdef LLMINT8_CUDA
-    PyTypeObject *DeviceArray_type;
-#endif
 } l8_state;
 
 typedef struct {
     PyObject_HEAD
-    PyObject *module;  /* strong: its state holds the backend contexts the layer uses */
+    PyObject *module;       /* strong: llmint8._C */
+    PyObject *cuda_module;  /* strong, CUDA layers only: llmint8._cuda, whose state holds the layer's context */
     l8_layer layer;
 } l8_Int8LinearObject;
 
-/* Raise the Python exception for a failed status; returns NULL for `return l8_raise(&st);`. */
+/* Raise the Python exception for a failed status; returns NULL for `return l8_raise(&st);`
+ * (errors.c, in both modules). */
 PyObject *l8_raise(const l8_status *st);
 
 /* The module state reached from an object's type (works for Python subclasses too). */
 l8_state *l8_state_from_type(PyTypeObject *tp);
-
-#ifdef LLMINT8_CUDA
-/* The CUDA side of the module (device_array.c). */
-extern PyMethodDef l8_cuda_methods[];   /* cuda_available, to_device, set_stream, ... */
-int l8_cuda_module_exec(PyObject *m, l8_state *st);   /* adds DeviceArray and l8_cuda_methods */
-void l8_cuda_module_free(l8_state *st);                /* the CUDA context */
-/* The CUDA backend for `device`, its context in *ctx; raises (NULL) when unusable. */
-const l8_backend *l8_cuda_backend_for(l8_state *st, int device, void **ctx);
-/* 1 when x is a device array (DeviceArray, CUDA __dlpack__, __cuda_array_interface__). */
-int l8_cuda_is_device_input(l8_state *st, PyObject *x);
-/* Forward of a CUDA layer on a device array: a DeviceArray out, no host round trip.
- * out_type: NPY_HALF, NPY_FLOAT or -1 for x's dtype. */
-PyObject *l8_cuda_forward_device(PyObject *module, const l8_layer *L, PyObject *x, int out_type);
-#endif
 
 #endif

@@ -1,4 +1,4 @@
-/* device_array.c: the Python side of the CUDA backend.
+/* cuda_array.c: arrays in GPU memory, as llmint8._cuda sees them.
  *
  * - DeviceArray, a C heap type: a C-contiguous float16/float32/int8/int32 array in GPU
  *   memory, allocated from the device's memory pool, with shape, dtype, device,
@@ -6,15 +6,9 @@
  *   __dlpack_device__ and __cuda_array_interface__ (version 3). An array remembers the
  *   stream that produced it; consumers are ordered after that stream on the device
  *   (an event, never a host wait).
- * - Reading device inputs: a DeviceArray, or any object with __dlpack__ (CUDA device) or
- *   __cuda_array_interface__ (CuPy, JAX, PyTorch, Numba), without copies.
- * - The CUDA module functions: cuda_available, to_device, set_stream, the device forward
- *   of Int8Linear, and the internal helpers of tests and benchmarks (_fp16_linear,
- *   _int8_matmul_cuda, _cuda_time).
+ * - Reading device inputs (dev_in): a DeviceArray, or any object with __dlpack__ (CUDA
+ *   device) or __cuda_array_interface__ (CuPy, JAX, PyTorch, Numba), without copies.
  *
- * Streams: all work goes on the module's current stream (set_stream; 0 = the legacy
- * default stream; 2, the per-thread default stream, is refused). The protocols name the
- * legacy default stream 1, so 0 is exported as 1.
  * Lifetimes: work is queued asynchronously, so an input must stay alive (and its memory
  * unreused) until the work on the stream is done, as with any stream-ordered API; an
  * array's memory is returned to the pool on its stream when the array is freed, so that
@@ -22,58 +16,30 @@
  * helpers, a DLPack consumer), its stream is ordered after the reader's, so the free
  * cannot overtake the reads.
  */
-#ifdef LLMINT8_CUDA
-
-#include "py.h"
+#include "cuda_module.h"
 
 #include <stdlib.h>
 
-#include "cuda_common.h"
-#include "dlpack.h"
-#include "gemm.h"
-
-#define L8_DA_MAXDIM 8
-
-/* Set a pending exception aside and put it back (PyErr_Fetch is superseded in 3.12). */
-#if PY_VERSION_HEX >= 0x030C0000
-#define L8_ERR_SAVE PyObject *l8_exc_ = PyErr_GetRaisedException()
-#define L8_ERR_RESTORE PyErr_SetRaisedException(l8_exc_)
-#else
-#define L8_ERR_SAVE PyObject *l8_et_, *l8_ev_, *l8_tb_; PyErr_Fetch(&l8_et_, &l8_ev_, &l8_tb_)
-#define L8_ERR_RESTORE PyErr_Restore(l8_et_, l8_ev_, l8_tb_)
-#endif
-
-typedef struct {
-    PyObject_HEAD
-    void *data;
-    int ndim;
-    int64_t shape[L8_DA_MAXDIM];
-    l8_dtype dtype;
-    int device;
-    cudaStream_t stream;   /* the stream its contents are written on */
-    PyObject *base;        /* the owner of the memory for views; NULL when this array owns it */
-} l8_DeviceArrayObject;
-
 /* ================================================================== helpers */
 
-static l8_cuda_ctx *ctx_of(l8_state *st) { return (l8_cuda_ctx *)st->cuda; }
+l8_cuda_ctx *ctx_of(l8_cuda_state *st) { return st->ctx; }
 
 /* The module's CUDA context, created on first use. */
-static l8_cuda_ctx *get_ctx(l8_state *st) {
-    if (!st->cuda && !(st->cuda = l8_cuda_ctx_new())) PyErr_NoMemory();
+l8_cuda_ctx *get_ctx(l8_cuda_state *st) {
+    if (!st->ctx && !(st->ctx = l8_cuda_ctx_new())) PyErr_NoMemory();
     return ctx_of(st);
 }
 
-static cudaStream_t current_stream(l8_state *st) { return st->cuda ? l8_cuda_ctx_stream(ctx_of(st)) : NULL; }
+cudaStream_t current_stream(l8_cuda_state *st) { return st->ctx ? l8_cuda_ctx_stream(ctx_of(st)) : NULL; }
 
 /* The protocols' integer for a stream: 1 for the legacy default stream. */
-static PyObject *stream_to_py(cudaStream_t s) {
+PyObject *stream_to_py(cudaStream_t s) {
     return PyLong_FromVoidPtr(s == NULL ? (void *)cudaStreamLegacy : (void *)s);
 }
 
 /* Queue `consumer` after the work queued so far on `producer`, streams of `device`
  * (device-side only: an event, no host wait). */
-static int order_after(int device, cudaStream_t consumer, cudaStream_t producer, l8_status *st) {
+int order_after(int device, cudaStream_t consumer, cudaStream_t producer, l8_status *st) {
     cudaEvent_t ev = NULL;
     int prev = -1;
     if (consumer == NULL) consumer = cudaStreamLegacy;
@@ -93,7 +59,7 @@ fail:
 }
 
 /* A usable device: the context knows it (handles, pool). Raises on failure. */
-static int ready_device(l8_state *st, int device) {
+int ready_device(l8_cuda_state *st, int device) {
     l8_cuda_ctx *ctx = get_ctx(st);
     if (!ctx) return -1;
     l8_status s = {0};
@@ -106,7 +72,7 @@ static int ready_device(l8_state *st, int device) {
 }
 
 /* The calling thread's current device (for calls whose inputs are all empty, on no device). */
-static int current_device(int *device) {
+int current_device(int *device) {
     l8_status s = {0};
     const cudaError_t err = cudaGetDevice(device);
     if (err != cudaSuccess) {
@@ -117,16 +83,16 @@ static int current_device(int *device) {
     return 0;
 }
 
-static int npy_type_of(l8_dtype t) {
+int npy_type_of(l8_dtype t) {
     return t == L8_F16 ? NPY_HALF : t == L8_F32 ? NPY_FLOAT32 : t == L8_I8 ? NPY_INT8 : NPY_INT32;
 }
 
-static const char *dtype_str(l8_dtype t) {
+const char *dtype_str(l8_dtype t) {
     return t == L8_F16 ? "float16" : t == L8_F32 ? "float32" : t == L8_I8 ? "int8" : "int32";
 }
 
 /* Elements of a shape whose byte size nbytes_of has accepted (or that is empty). */
-static int64_t numel(int ndim, const int64_t *shape) {
+int64_t numel(int ndim, const int64_t *shape) {
     int64_t n = 1;
     for (int i = 0; i < ndim; i++)
         if (shape[i] == 0) return 0;
@@ -136,7 +102,7 @@ static int64_t numel(int ndim, const int64_t *shape) {
 
 /* Bytes of a shape (dimensions >= 0) of `esize`-byte elements; -1 when that does not fit
  * in an int64_t (shapes from producers and from reshape are not to be trusted). */
-static int64_t nbytes_of(int ndim, const int64_t *shape, size_t esize) {
+int64_t nbytes_of(int ndim, const int64_t *shape, size_t esize) {
     int64_t n = (int64_t)esize;
     for (int i = 0; i < ndim; i++)
         if (shape[i] == 0) return 0;
@@ -148,7 +114,7 @@ static int64_t nbytes_of(int ndim, const int64_t *shape, size_t esize) {
 }
 
 /* "cuda" -> 0, "cuda:N" -> N (raises otherwise). */
-static int parse_cuda_device(PyObject *obj, int *device) {
+int parse_cuda_device(PyObject *obj, int *device) {
     if (!obj || obj == Py_None) { *device = 0; return 0; }
     const char *s = PyUnicode_Check(obj) ? PyUnicode_AsUTF8(obj) : NULL;
     if (s && !strcmp(s, "cuda")) { *device = 0; return 0; }
@@ -163,7 +129,7 @@ static int parse_cuda_device(PyObject *obj, int *device) {
 
 /* ================================================================== DeviceArray */
 
-static PyObject *device_array_alloc(l8_state *st, int ndim, const int64_t *shape, l8_dtype dt, int device,
+PyObject *device_array_alloc(l8_cuda_state *st, int ndim, const int64_t *shape, l8_dtype dt, int device,
                                     cudaStream_t s) {
     const int64_t nb = nbytes_of(ndim, shape, l8_dtype_size(dt));
     if (nb < 0)
@@ -530,8 +496,8 @@ static PyType_Slot da_slots[] = {
     {0, NULL},
 };
 
-static PyType_Spec da_spec = {
-    .name = "llmint8._C.DeviceArray",
+PyType_Spec l8_device_array_spec = {
+    .name = "llmint8._cuda.DeviceArray",
     .basicsize = sizeof(l8_DeviceArrayObject),
     .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_DISALLOW_INSTANTIATION,
     .slots = da_slots,
@@ -539,24 +505,10 @@ static PyType_Spec da_spec = {
 
 /* ================================================================== device inputs */
 
-/* A borrowed view of a device array from any producer. */
-typedef struct {
-    void *ptr;
-    int ndim;
-    int64_t shape[L8_DA_MAXDIM];
-    l8_dtype dtype;
-    int device;
-    PyObject *capsule;   /* a consumed DLPack capsule ("used_dltensor..."), kept until release */
-    void *mt;            /* its managed tensor: the consumer deletes it on release */
-    int versioned;
-    int owned;           /* a DeviceArray (or a view of one): its memory is freed on own_stream */
-    int own_device;
-    cudaStream_t own_stream;
-} dev_in;
 
 /* Hand a consumed DLPack tensor back to its producer. Touches no exception state, so it
  * is safe on error paths. */
-static void dev_in_release(dev_in *in) {
+void dev_in_release(dev_in *in) {
     if (in->mt) {
         /* the deleter may run Python code (the producer's dealloc): keep a pending error aside */
         L8_ERR_SAVE;
@@ -579,13 +531,13 @@ static void dev_in_release(dev_in *in) {
  * wait). Imports through __dlpack__ are covered by the deleter (dl_release); those through
  * __cuda_array_interface__ leave lifetimes to the producer, as that protocol does. No GIL
  * needed. */
-static int keep_until_read(const dev_in *in, cudaStream_t s, l8_status *st) {
+int keep_until_read(const dev_in *in, cudaStream_t s, l8_status *st) {
     return in->owned ? order_after(in->own_device, in->own_stream, s, st) : 0;
 }
 
 /* keep_until_read for the inputs of a call whose work was queued with result rc: errors
  * become the call's error on success and are ignored after a failure (best effort). */
-static int keep_inputs(int rc, cudaStream_t s, l8_status *e, const dev_in *a, const dev_in *b, const dev_in *c) {
+int keep_inputs(int rc, cudaStream_t s, l8_status *e, const dev_in *a, const dev_in *b, const dev_in *c) {
     const dev_in *ins[3] = {a, b, c};
     for (int i = 0; i < 3; i++) {
         if (!ins[i]) continue;
@@ -787,7 +739,7 @@ static int from_cai(PyObject *obj, PyObject *cai, cudaStream_t consumer, dev_in 
 
 /* 1 with *in filled when obj is a device array, 0 when it is not one (no error), -1 on
  * error. `consumer` is the stream that will read it. */
-static int device_input(l8_state *st, PyObject *obj, cudaStream_t consumer, dev_in *in, const char *what) {
+int device_input(l8_cuda_state *st, PyObject *obj, cudaStream_t consumer, dev_in *in, const char *what) {
     memset(in, 0, sizeof *in);
     if (PyObject_TypeCheck(obj, st->DeviceArray_type)) {
         l8_DeviceArrayObject *a = (l8_DeviceArrayObject *)obj;
@@ -837,7 +789,7 @@ static int device_input(l8_state *st, PyObject *obj, cudaStream_t consumer, dev_
 }
 
 /* A device input that must exist: TypeError for host objects. */
-static int require_device_input(l8_state *st, PyObject *obj, cudaStream_t consumer, dev_in *in, const char *what) {
+int require_device_input(l8_cuda_state *st, PyObject *obj, cudaStream_t consumer, dev_in *in, const char *what) {
     int r = device_input(st, obj, consumer, in, what);
     if (r == 0)
         PyErr_Format(PyExc_TypeError, "%s must be a device array (DeviceArray, or an object with __dlpack__ or "
@@ -846,7 +798,7 @@ static int require_device_input(l8_state *st, PyObject *obj, cudaStream_t consum
 }
 
 /* Data pointer 0 (a CAI array on no device, device -1) is only valid for an empty array. */
-static int check_data(const dev_in *in, const char *what) {
+int check_data(const dev_in *in, const char *what) {
     const int64_t n = numel(in->ndim, in->shape);
     if (!in->ptr && n != 0) {
         PyErr_Format(PyExc_ValueError, "%s has data pointer 0 but %lld elements", what, (long long)n);
@@ -855,7 +807,7 @@ static int check_data(const dev_in *in, const char *what) {
     return 0;
 }
 
-static int check_in(const dev_in *in, const char *what, int ndim, l8_dtype dt, int device) {
+int check_in(const dev_in *in, const char *what, int ndim, l8_dtype dt, int device) {
     if (in->ndim != ndim) {
         PyErr_Format(PyExc_ValueError, "%s must be %d-D, got %d-D", what, ndim, in->ndim);
         return -1;
@@ -872,424 +824,3 @@ static int check_in(const dev_in *in, const char *what, int ndim, l8_dtype dt, i
     return 0;
 }
 
-/* ================================================================== module functions */
-
-PyDoc_STRVAR(cuda_available_doc,
-"cuda_available() -> bool\n\nTrue when this build has the CUDA backend and a CUDA device and driver are usable.\n"
-"Never raises.");
-
-static PyObject *py_cuda_available(PyObject *mod, PyObject *unused) {
-    (void)mod; (void)unused;
-    int n;
-    Py_BEGIN_ALLOW_THREADS
-    n = l8_cuda_device_count(NULL);
-    Py_END_ALLOW_THREADS
-    return PyBool_FromLong(n > 0);
-}
-
-static PyObject *py_cuda_device_count(PyObject *mod, PyObject *unused) {
-    (void)mod; (void)unused;
-    int n;
-    Py_BEGIN_ALLOW_THREADS
-    n = l8_cuda_device_count(NULL);
-    Py_END_ALLOW_THREADS
-    return PyLong_FromLong(n);
-}
-
-static PyObject *py_cuda_unavailable_reason(PyObject *mod, PyObject *unused) {
-    (void)mod; (void)unused;
-    const char *why = NULL;
-    int n;
-    Py_BEGIN_ALLOW_THREADS
-    n = l8_cuda_device_count(&why);
-    Py_END_ALLOW_THREADS
-    if (n > 0) Py_RETURN_NONE;
-    return PyUnicode_FromString(why ? why : "unknown");
-}
-
-PyDoc_STRVAR(to_device_doc,
-"to_device(a, device='cuda') -> DeviceArray\n\n"
-"Copy a host array (float16, float32, int8 or int32, any shape up to 8-D) to the GPU,\n"
-"on the current stream. A DeviceArray already on that device is returned as is.");
-
-static PyObject *py_to_device(PyObject *mod, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"a", "device", NULL};
-    PyObject *ao, *devo = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|O:to_device", kwlist, &ao, &devo)) return NULL;
-    l8_state *st = PyModule_GetState(mod);
-    int device;
-    if (parse_cuda_device(devo, &device) < 0) return NULL;
-    if (PyObject_TypeCheck(ao, st->DeviceArray_type)) {
-        if (((l8_DeviceArrayObject *)ao)->device == device) return Py_NewRef(ao);
-        return PyErr_Format(PyExc_ValueError, "the array is on cuda:%d; copy it to the host (.numpy()) first",
-                            ((l8_DeviceArrayObject *)ao)->device);
-    }
-    PyArrayObject *a0 = (PyArrayObject *)PyArray_FromAny(ao, NULL, 0, 0, 0, NULL);
-    if (!a0) return NULL;
-    const int tn = PyArray_TYPE(a0);
-    l8_dtype dt = tn == NPY_HALF ? L8_F16 : tn == NPY_FLOAT32 ? L8_F32 : tn == NPY_INT8 ? L8_I8 : L8_I32;
-    if (tn != NPY_HALF && tn != NPY_FLOAT32 && tn != NPY_INT8 && tn != NPY_INT32) {
-        PyErr_Format(PyExc_TypeError, "to_device takes float16, float32, int8 or int32 arrays, got %S",
-                     (PyObject *)PyArray_DESCR(a0));
-        Py_DECREF(a0);
-        return NULL;
-    }
-    if (PyArray_NDIM(a0) > L8_DA_MAXDIM) {
-        PyErr_Format(PyExc_ValueError, "at most %d dimensions, got %d", L8_DA_MAXDIM, PyArray_NDIM(a0));
-        Py_DECREF(a0);
-        return NULL;
-    }
-    PyArrayObject *a = (PyArrayObject *)PyArray_FromAny(
-        (PyObject *)a0, PyArray_DescrFromType(tn), 0, 0,
-        NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED | NPY_ARRAY_NOTSWAPPED, NULL);
-    Py_DECREF(a0);
-    if (!a) return NULL;
-    if (ready_device(st, device) < 0) { Py_DECREF(a); return NULL; }
-    int64_t shape[L8_DA_MAXDIM];
-    for (int i = 0; i < PyArray_NDIM(a); i++) shape[i] = PyArray_DIM(a, i);
-    const cudaStream_t s = current_stream(st);
-    l8_DeviceArrayObject *d = (l8_DeviceArrayObject *)device_array_alloc(st, PyArray_NDIM(a), shape, dt, device, s);
-    if (!d) { Py_DECREF(a); return NULL; }
-    const size_t bytes = (size_t)PyArray_NBYTES(a);
-    l8_status e = {0};
-    int rc = 0, prev = -1;
-    if (bytes) {
-        rc = -1;
-        Py_BEGIN_ALLOW_THREADS
-        if (l8_cuda_push_device(device, &prev, &e) == 0) {
-            /* from pageable memory: returns once the host buffer has been staged */
-            L8_CUDA_CHECK(&e, cudaMemcpyAsync(d->data, PyArray_DATA(a), bytes, cudaMemcpyHostToDevice, s));
-            rc = 0;
-        }
-    fail:
-        l8_cuda_pop_device(prev);
-        Py_END_ALLOW_THREADS
-    }
-    Py_DECREF(a);
-    if (rc < 0) {
-        Py_DECREF(d);
-        return l8_raise(&e);
-    }
-    return (PyObject *)d;
-}
-
-PyDoc_STRVAR(set_stream_doc,
-"set_stream(handle)\n\n"
-"Queue all following CUDA work on the stream `handle` (an int cudaStream_t, e.g.\n"
-"torch.cuda.current_stream().cuda_stream or cupy.cuda.get_current_stream().ptr);\n"
-"0 or 1: the legacy default stream. 2 (the per-thread default stream) is refused: the\n"
-"same handle names a different stream in every thread, so arrays made on it could not\n"
-"be ordered or freed on the right one; pass that thread's explicit stream instead.\n"
-"The stream must belong to the device of the layers used, and outlive the arrays made\n"
-"on it.");
-
-static PyObject *py_set_stream(PyObject *mod, PyObject *arg) {
-    l8_state *st = PyModule_GetState(mod);
-    void *p = PyLong_AsVoidPtr(arg);
-    if (!p && PyErr_Occurred()) return NULL;
-    if (p == (void *)cudaStreamPerThread) {
-        PyErr_SetString(PyExc_ValueError, "pass an explicit stream handle, not 2 (the per-thread default stream)");
-        return NULL;
-    }
-    l8_cuda_ctx *ctx = get_ctx(st);
-    if (!ctx) return NULL;
-    l8_cuda_ctx_set_stream(ctx, p == (void *)cudaStreamLegacy ? NULL : (cudaStream_t)p);
-    Py_RETURN_NONE;
-}
-
-static PyObject *py_get_stream(PyObject *mod, PyObject *unused) {
-    (void)unused;
-    return stream_to_py(current_stream(PyModule_GetState(mod)));
-}
-
-static PyObject *py_synchronize(PyObject *mod, PyObject *unused) {
-    (void)unused;
-    l8_cuda_ctx *ctx = get_ctx(PyModule_GetState(mod));
-    if (!ctx) return NULL;
-    l8_status e = {0};
-    int rc;
-    Py_BEGIN_ALLOW_THREADS
-    rc = l8_cuda_ctx_synchronize(ctx, &e);
-    Py_END_ALLOW_THREADS
-    if (rc < 0) return l8_raise(&e);
-    Py_RETURN_NONE;
-}
-
-PyDoc_STRVAR(fp16_linear_doc,
-"_fp16_linear(x, w, bias=None) -> DeviceArray\n\n"
-"Baseline fp16 layer through cuBLASLt: y (m, n) = x (m, k) @ w (n, k).T + bias (n,),\n"
-"all float16 device arrays, fp32 accumulation, bias as a cuBLASLt epilogue.");
-
-static PyObject *py_fp16_linear(PyObject *mod, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"x", "w", "bias", NULL};
-    PyObject *xo, *wo, *bo = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|O:_fp16_linear", kwlist, &xo, &wo, &bo)) return NULL;
-    l8_state *st = PyModule_GetState(mod);
-    if (!get_ctx(st)) return NULL;
-    const cudaStream_t s = current_stream(st);
-    dev_in x, w, b;
-    memset(&x, 0, sizeof x); memset(&w, 0, sizeof w); memset(&b, 0, sizeof b);
-    PyObject *y = NULL;
-    int device;
-    if (require_device_input(st, xo, s, &x, "x") < 0 || check_in(&x, "x", 2, L8_F16, -1) < 0) goto done;
-    if (require_device_input(st, wo, s, &w, "w") < 0 || check_in(&w, "w", 2, L8_F16, x.device) < 0) goto done;
-    device = x.device >= 0 ? x.device : w.device; /* -1: an empty CAI array */
-    if (bo != Py_None &&
-        (require_device_input(st, bo, s, &b, "bias") < 0 || check_in(&b, "bias", 1, L8_F16, device) < 0))
-        goto done;
-    if (device < 0) device = b.device;
-    if (device < 0 && current_device(&device) < 0) goto done;
-    const int64_t m = x.shape[0], k = x.shape[1], n = w.shape[0];
-    if (w.shape[1] != k || (bo != Py_None && b.shape[0] != n)) {
-        PyErr_Format(PyExc_ValueError, "shapes do not match: x (%lld, %lld), w (%lld, %lld), bias (%lld,)",
-                     (long long)m, (long long)k, (long long)n, (long long)w.shape[1],
-                     (long long)(bo != Py_None ? b.shape[0] : n));
-        goto done;
-    }
-    if (ready_device(st, device) < 0) goto done;
-    int64_t shp[2] = {m, n};
-    if (!(y = device_array_alloc(st, 2, shp, L8_F16, device, s))) goto done;
-    l8_status e = {0};
-    int rc;
-    Py_BEGIN_ALLOW_THREADS
-    rc = l8_cuda_fp16_linear(ctx_of(st), device, x.ptr, w.ptr, bo != Py_None ? b.ptr : NULL,
-                             ((l8_DeviceArrayObject *)y)->data, m, n, k, s, &e);
-    rc = keep_inputs(rc, s, &e, &x, &w, bo != Py_None ? &b : NULL);
-    Py_END_ALLOW_THREADS
-    if (rc < 0) {
-        Py_CLEAR(y);
-        l8_raise(&e);
-    }
-done:
-    dev_in_release(&x);
-    dev_in_release(&w);
-    dev_in_release(&b);
-    return y;
-}
-
-PyDoc_STRVAR(int8_matmul_cuda_doc,
-"_int8_matmul_cuda(a, b, path='auto') -> DeviceArray\n\n"
-"Exact int8 GEMM on the GPU: a (m, k) int8 @ b (n, k).T -> (m, n) int32 (device arrays).\n"
-"path: 'auto', 'gemv' (the m <= 8 kernel) or 'cublaslt'.");
-
-static PyObject *py_int8_matmul_cuda(PyObject *mod, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"a", "b", "path", NULL};
-    PyObject *ao, *bo;
-    const char *path = "auto";
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|s:_int8_matmul_cuda", kwlist, &ao, &bo, &path)) return NULL;
-    const int p = !strcmp(path, "auto") ? 0 : !strcmp(path, "gemv") ? 1 : !strcmp(path, "cublaslt") ? 2 : -1;
-    if (p < 0) return PyErr_Format(PyExc_ValueError, "path must be 'auto', 'gemv' or 'cublaslt', got '%s'", path);
-    l8_state *st = PyModule_GetState(mod);
-    if (!get_ctx(st)) return NULL;
-    const cudaStream_t s = current_stream(st);
-    dev_in a, b;
-    memset(&a, 0, sizeof a); memset(&b, 0, sizeof b);
-    PyObject *c = NULL;
-    int device;
-    if (require_device_input(st, ao, s, &a, "a") < 0 || check_in(&a, "a", 2, L8_I8, -1) < 0) goto done;
-    if (require_device_input(st, bo, s, &b, "b") < 0 || check_in(&b, "b", 2, L8_I8, a.device) < 0) goto done;
-    device = a.device >= 0 ? a.device : b.device; /* -1: an empty CAI array */
-    if (device < 0 && current_device(&device) < 0) goto done;
-    const int64_t m = a.shape[0], k = a.shape[1], n = b.shape[0];
-    if (b.shape[1] != k) {
-        PyErr_Format(PyExc_ValueError, "b must be (n, %lld) to match a, got (%lld, %lld)", (long long)k,
-                     (long long)n, (long long)b.shape[1]);
-        goto done;
-    }
-    if (k > L8_GEMM_MAX_K) {
-        PyErr_Format(PyExc_ValueError, "k = %lld is too large for exact int32 accumulation; expected k <= %lld",
-                     (long long)k, (long long)L8_GEMM_MAX_K);
-        goto done;
-    }
-    if (ready_device(st, device) < 0) goto done;
-    int64_t shp[2] = {m, n};
-    if (!(c = device_array_alloc(st, 2, shp, L8_I32, device, s))) goto done;
-    l8_status e = {0};
-    int rc;
-    Py_BEGIN_ALLOW_THREADS
-    rc = l8_cuda_int8_matmul(ctx_of(st), device, a.ptr, b.ptr, m, n, k, ((l8_DeviceArrayObject *)c)->data, p, s, &e);
-    rc = keep_inputs(rc, s, &e, &a, &b, NULL);
-    Py_END_ALLOW_THREADS
-    if (rc < 0) {
-        Py_CLEAR(c);
-        l8_raise(&e);
-    }
-done:
-    dev_in_release(&a);
-    dev_in_release(&b);
-    return c;
-}
-
-PyDoc_STRVAR(cuda_time_doc,
-"_cuda_time(fn, iters, flush_bytes=0, device=0) -> list of float\n\n"
-"Milliseconds of GPU time of each of `iters` calls of fn(), measured with CUDA events\n"
-"on the current stream. flush_bytes > 0 writes that many bytes before each call (outside\n"
-"the timed region) to evict the L2 cache.");
-
-static PyObject *py_cuda_time(PyObject *mod, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"fn", "iters", "flush_bytes", "device", NULL};
-    PyObject *fn;
-    int iters, device = 0;
-    long long flush = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "Oi|Li:_cuda_time", kwlist, &fn, &iters, &flush, &device))
-        return NULL;
-    if (iters < 1 || iters > 100000 || flush < 0)
-        return PyErr_Format(PyExc_ValueError, "iters must be in [1, 100000] and flush_bytes >= 0");
-    l8_state *st = PyModule_GetState(mod);
-    if (ready_device(st, device) < 0) return NULL;
-    const cudaStream_t s = current_stream(st);
-    cudaEvent_t *ev = calloc((size_t)iters * 2, sizeof(cudaEvent_t));
-    void *buf = NULL;
-    PyObject *out = NULL;
-    l8_status e = {0};
-    int prev = -1, made = 0, failed = 0;
-    if (!ev) return PyErr_NoMemory();
-    if (l8_cuda_push_device(device, &prev, &e) < 0) { failed = 1; goto cleanup; }
-    for (; made < 2 * iters; made++)
-        if (cudaEventCreate(&ev[made]) != cudaSuccess) {
-            l8_cuda_fail(&e, cudaGetLastError(), "cudaEventCreate", __FILE__, __LINE__);
-            failed = 1;
-            goto cleanup;
-        }
-    if (flush && l8_cuda_alloc(&buf, (size_t)flush, s, &e) < 0) { failed = 1; goto cleanup; }
-    for (int it = 0; it < iters; it++) {
-        if (buf) L8_CUDA_CHECK(&e, cudaMemsetAsync(buf, it & 0xff, (size_t)flush, s));
-        L8_CUDA_CHECK(&e, cudaEventRecord(ev[2 * it], s));
-        PyObject *r = PyObject_CallNoArgs(fn);
-        if (!r) goto cleanup; /* the Python exception stands */
-        Py_DECREF(r);
-        L8_CUDA_CHECK(&e, cudaEventRecord(ev[2 * it + 1], s));
-    }
-    {
-        cudaError_t se;
-        Py_BEGIN_ALLOW_THREADS
-        se = cudaEventSynchronize(ev[2 * iters - 1]);
-        Py_END_ALLOW_THREADS
-        L8_CUDA_CHECK(&e, se);
-    }
-    if (!(out = PyList_New(iters))) goto cleanup;
-    for (int it = 0; it < iters; it++) {
-        float ms = 0.0f;
-        L8_CUDA_CHECK(&e, cudaEventElapsedTime(&ms, ev[2 * it], ev[2 * it + 1]));
-        PyList_SET_ITEM(out, it, PyFloat_FromDouble(ms));
-    }
-    goto cleanup;
-fail:
-    failed = 1;
-    Py_CLEAR(out);
-cleanup:
-    l8_cuda_free(buf, s);
-    for (int i = 0; i < made; i++) cudaEventDestroy(ev[i]);
-    free(ev);
-    l8_cuda_pop_device(prev);
-    if (failed) {
-        Py_CLEAR(out);
-        if (!PyErr_Occurred()) l8_raise(&e);
-    }
-    return out;
-}
-
-static PyObject *py_is_device_array(PyObject *mod, PyObject *x) {
-    return PyBool_FromLong(l8_cuda_is_device_input(PyModule_GetState(mod), x));
-}
-
-PyMethodDef l8_cuda_methods[] = {
-    {"cuda_available", py_cuda_available, METH_NOARGS, cuda_available_doc},
-    {"cuda_device_count", py_cuda_device_count, METH_NOARGS, "cuda_device_count() -> int (0 without device or driver)."},
-    {"cuda_unavailable_reason", py_cuda_unavailable_reason, METH_NOARGS,
-     "cuda_unavailable_reason() -> str or None: why CUDA cannot be used (None when it can)."},
-    {"to_device", (PyCFunction)(void (*)(void))py_to_device, METH_VARARGS | METH_KEYWORDS, to_device_doc},
-    {"set_stream", py_set_stream, METH_O, set_stream_doc},
-    {"get_stream", py_get_stream, METH_NOARGS, "get_stream() -> int: the current stream (1: legacy default)."},
-    {"synchronize", py_synchronize, METH_NOARGS,
-     "synchronize(): wait for the work queued on the current stream (for the legacy default stream:\n"
-     "on every device used)."},
-    {"_fp16_linear", (PyCFunction)(void (*)(void))py_fp16_linear, METH_VARARGS | METH_KEYWORDS, fp16_linear_doc},
-    {"_int8_matmul_cuda", (PyCFunction)(void (*)(void))py_int8_matmul_cuda, METH_VARARGS | METH_KEYWORDS,
-     int8_matmul_cuda_doc},
-    {"_cuda_time", (PyCFunction)(void (*)(void))py_cuda_time, METH_VARARGS | METH_KEYWORDS, cuda_time_doc},
-    {"is_device_array", py_is_device_array, METH_O,
-     "is_device_array(x) -> bool: x is a DeviceArray, or exports CUDA memory by __dlpack__ or\n"
-     "__cuda_array_interface__ (a layer on the GPU keeps such inputs on the device)."},
-    {NULL, NULL, 0, NULL},
-};
-
-/* ================================================================== Int8Linear glue */
-
-const l8_backend *l8_cuda_backend_for(l8_state *st, int device, void **ctx) {
-    *ctx = NULL;
-    if (ready_device(st, device) < 0) return NULL;
-    *ctx = st->cuda;
-    return &l8_cuda_backend;
-}
-
-int l8_cuda_is_device_input(l8_state *st, PyObject *x) {
-    if (PyObject_TypeCheck(x, st->DeviceArray_type)) return 1;
-    if (PyArray_Check(x)) return 0;
-    if (PyObject_HasAttrString(x, "__cuda_array_interface__")) return 1;
-    if (!PyObject_HasAttrString(x, "__dlpack_device__")) return 0;
-    PyObject *dev = PyObject_CallMethod(x, "__dlpack_device__", NULL);
-    int type = 0, id = 0;
-    if (!dev) {
-        PyErr_Clear();
-        return 0;
-    }
-    if (!PyArg_ParseTuple(dev, "ii", &type, &id)) PyErr_Clear();
-    Py_DECREF(dev);
-    return type == kDLCUDA || type == kDLCUDAManaged;
-}
-
-PyObject *l8_cuda_forward_device(PyObject *module, const l8_layer *L, PyObject *xo, int out_type) {
-    l8_state *st = PyModule_GetState(module);
-    const cudaStream_t s = current_stream(st);
-    dev_in x;
-    PyObject *y = NULL;
-    if (require_device_input(st, xo, s, &x, "x") < 0) goto done;
-    if (x.ndim != 2 || x.shape[1] != L->in_features) {
-        PyErr_Format(PyExc_ValueError, "x must be (m, %lld) for this layer (in_features = %lld), got a %d-D array "
-                     "with last dimension %lld", (long long)L->in_features, (long long)L->in_features, x.ndim,
-                     (long long)(x.ndim ? x.shape[x.ndim - 1] : 0));
-        goto done;
-    }
-    if (x.dtype != L8_F16 && x.dtype != L8_F32) {
-        PyErr_Format(PyExc_TypeError, "x must be float16 or float32, got %s", dtype_str(x.dtype));
-        goto done;
-    }
-    if (check_data(&x, "x") < 0) goto done;
-    if (x.device != L->device && !(x.device < 0 && x.shape[0] == 0)) { /* -1: an empty CAI array */
-        PyErr_Format(PyExc_ValueError, "x is on cuda:%d but the layer is on cuda:%d", x.device, L->device);
-        goto done;
-    }
-    const l8_dtype yt = out_type < 0 ? x.dtype : out_type == NPY_HALF ? L8_F16 : L8_F32;
-    const int64_t m = x.shape[0], shp[2] = {m, L->out_features};
-    if (!(y = device_array_alloc(st, 2, shp, yt, L->device, s))) goto done;
-    l8_status e = {0};
-    int rc;
-    Py_BEGIN_ALLOW_THREADS
-    rc = l8_cuda_linear_forward(L, x.ptr, x.dtype, m, ((l8_DeviceArrayObject *)y)->data, yt, s, &e);
-    rc = keep_inputs(rc, s, &e, &x, NULL, NULL);
-    Py_END_ALLOW_THREADS
-    if (rc < 0) {
-        Py_CLEAR(y);
-        l8_raise(&e);
-    }
-done:
-    dev_in_release(&x);
-    return y;
-}
-
-int l8_cuda_module_exec(PyObject *m, l8_state *st) {
-    st->DeviceArray_type = (PyTypeObject *)PyType_FromModuleAndSpec(m, &da_spec, NULL);
-    if (!st->DeviceArray_type) return -1;
-    if (PyModule_AddType(m, st->DeviceArray_type) < 0) return -1;
-    return PyModule_AddFunctions(m, l8_cuda_methods);
-}
-
-void l8_cuda_module_free(l8_state *st) {
-    l8_cuda_ctx_free(ctx_of(st));
-    st->cuda = NULL;
-}
-
-#else
-typedef int l8_device_array_unused; /* this file is empty in builds without CUDA */
-#endif /* LLMINT8_CUDA */
