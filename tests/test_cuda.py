@@ -716,3 +716,19 @@ def test_two_streams_on_one_layer_match_cpu():
         lcuda.synchronize()
         for s in streams:
             _cuda._stream_destroy(s)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+@pytest.mark.parametrize("m", [3, 40])
+def test_element_aligned_but_not_16_byte_aligned_input(dtype, m):
+    # an import that starts one element into a buffer: aligned for its dtype, not for 16-byte loads
+    k, n = 64, 48  # k a multiple of the vector width, so only the address decides
+    cpu, dev = make_layers(n, k, 6.0, known=(5,))
+    x = activations(m, k, n_outlier_cols=2, dtype=dtype)
+    flat = np.concatenate([np.zeros(1, dtype), x.ravel()])
+    buf = lcuda.to_device(flat)
+    ptr = buf.__cuda_array_interface__["data"][0] + np.dtype(dtype).itemsize
+    assert ptr % 16 != 0
+    view = CAIOnly(buf, shape=(m, k), data=(ptr, False))
+    np.testing.assert_array_equal(dev.forward(view).numpy(), cpu.forward(x))
