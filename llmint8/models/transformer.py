@@ -362,7 +362,7 @@ class Model:
     # -------------------------------------------------------------- quantization
 
     def quantize(self, method: str = "llm.int8", threshold: float = 6.0, device: str | None = "cpu",
-                 calibration_tokens=None) -> "Model":
+                 calibration_tokens=None, progress: bool = False) -> "Model":
         """Return a new model whose linear layers use ``method`` (one of :data:`METHODS`); the
         embeddings, norms and the tokenizer are shared with this model, which is left unchanged.
 
@@ -370,7 +370,8 @@ class Model:
         model and fixes each layer's outlier columns to those where any |input| >= threshold
         (:func:`llmint8.find_outlier_columns`); without it Int8Linear finds them per call.
         ``device`` ("cpu", "cuda", or None for the best available) applies to llm.int8 and vectorwise
-        layers; absmax, rowwise and zeropoint run on the CPU through :func:`llmint8.matmul`."""
+        layers; absmax, rowwise and zeropoint run on the CPU through :func:`llmint8.matmul`.
+        ``progress`` shows a progress bar over the layers (tqdm)."""
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
         if any(n + ".weight" not in self.weights for n in self.linear_names):
@@ -380,7 +381,12 @@ class Model:
         if calibration_tokens is not None and method == "llm.int8":
             outliers = self.calibrate(calibration_tokens, threshold)
         linears = {}
-        for n in self.linear_names:
+        names = self.linear_names
+        if progress:
+            from tqdm.auto import tqdm
+
+            names = tqdm(names, desc=f"quantizing ({method})", unit="layer", leave=False)
+        for n in names:
             w, b = self.weights[n + ".weight"], self.weights.get(n + ".bias")
             if method == "float":
                 linears[n] = FloatLinear(w, b)
