@@ -434,6 +434,10 @@ def hf_checkpoint(folder: str, hc: dict, tensors: dict) -> Checkpoint:
     (name -> array); checks shapes and loads the tokenizer found in ``folder``."""
     cpath = os.path.join(folder, "config.json")
     mt = hc.get("model_type")
+    for k in _HF_FLOAT_KEYS:
+        v = hc.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise ValueError(f"{cpath}: {k}={v!r} is not a number")
     builders = {"llama": _hf_llama, "mistral": _hf_llama, "qwen2": _hf_llama, "gpt2": _hf_gpt2,
                 "opt": _hf_opt, "gpt_neox": _hf_neox, "gemma3_text": _hf_gemma3}
     if mt not in builders:
@@ -453,6 +457,10 @@ def hf_checkpoint(folder: str, hc: dict, tensors: dict) -> Checkpoint:
     tok = load_hf_tokenizer(folder, hc)
     return Checkpoint(cfg, w, tok, name=hc.get("_name_or_path") or os.path.basename(os.path.abspath(folder)),
                       source=folder)
+
+
+_HF_FLOAT_KEYS = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "rope_theta", "rotary_emb_base",
+                  "rotary_pct", "rope_local_base_freq", "query_pre_attn_scalar")
 
 
 def _hf_int(hc, *keys, default=None):

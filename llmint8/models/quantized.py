@@ -513,7 +513,7 @@ def _check_scale(path, name, s):
     bad = ~np.isfinite(s) | (s < 0)
     if np.any(bad):
         i = int(np.argmax(bad))
-        raise ValueError(f"{path}: tensor {name!r} holds {s[i]!r} at [{i}]; expected finite row absmax values >= 0")
+        raise ValueError(f"{path}: tensor {name!r} holds {float(s[i])!r} at [{i}]; expected finite row absmax values >= 0")
 
 
 def _linear_names(cfg):
