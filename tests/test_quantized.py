@@ -339,3 +339,14 @@ def test_cli_quantize_then_perplexity(stories, tmp_path, capsys):
     o = capsys.readouterr().out
     assert "already quantized" in o and "llm.int8" in o
     assert main(["quantize", "--model", "stories260K", "--out", str(tmp_path / "z"), "--threshold", "nan"]) == 2
+
+
+def test_cli_analyze_accepts_saved_folder(stories, tmp_path, capsys):
+    from llmint8.__main__ import main
+
+    text = require("text", "tinyshakespeare.txt")
+    save_quantized(stories.quantize("llm.int8"), tmp_path / "q")
+    assert main(["analyze", "--model", str(tmp_path / "q"), "--text", text, "--tokens", "64", "--no-zeroing",
+                 "--out", str(tmp_path / "an"), "--no-progress"]) == 0
+    report = json.loads((tmp_path / "an" / "report.json").read_text())
+    assert report["n_tokens"] == 64 and np.isfinite(report["perplexity"])
