@@ -349,4 +349,5 @@ def test_cli_analyze_accepts_saved_folder(stories, tmp_path, capsys):
     assert main(["analyze", "--model", str(tmp_path / "q"), "--text", text, "--tokens", "64", "--no-zeroing",
                  "--out", str(tmp_path / "an"), "--no-progress"]) == 0
     report = json.loads((tmp_path / "an" / "report.json").read_text())
-    assert report["n_tokens"] == 64 and np.isfinite(report["perplexity"])
+    assert report["n_tokens"] == 64 and report["model"]["name"] == "stories260K"
+    assert np.isfinite(report["perplexity"]["ppl"])
