@@ -40,11 +40,13 @@ linear module ``{module}.weight`` I8 (out, in) row-major, ``{module}.SCB`` F32 (
 row's absmax: ``weight ~= int8 * SCB / 127``) and ``{module}.weight_format`` U8 shape ()
 equal to 0 ("row"); biases, norms and embeddings stay float. The key names, dtypes and
 meanings follow bitsandbytes ``bitsandbytes/nn/modules.py`` (``Int8Params._quantize``,
-``Linear8bitLt._save_to_state_dict``, ``maybe_rearrange_weight``) at commit 005a63c2
-(0.45 series, which writes only the "row" layout and rejects the others when loading) and
-transformers ``src/transformers/quantizers/quantizer_bnb_8bit.py`` at commit 01080c62
-(a pre-quantized ``weight`` must be int8 and needs its ``SCB``; ``weight_format`` is
-dropped; Conv1D weights are stored already as (out, in)). A bitsandbytes layer has no known
+``Linear8bitLt._save_to_state_dict``, ``maybe_rearrange_weight``) at commit
+005a63c2badadd7fb2c45a4b67c1dcbabb72b297 (the revision that saves only the "row" layout, with
+``weight_format`` kept for compatibility, and rejects the col32/col_turing/col_ampere codes
+1-3 when loading) and transformers ``src/transformers/quantizers/quantizer_bnb_8bit.py`` at
+commit 01080c629600d4ff3121446bb4f4a2e240c2cf41 (a pre-quantized ``weight`` must be int8 and
+needs its ``SCB``; ``weight_format`` is dropped; Conv1D weights are stored already as
+(out, in)). Nothing of their code is used here. A bitsandbytes layer has no known
 outlier columns: it maps onto an :class:`llmint8.Int8Linear` with ``weight_scale = SCB``,
 no outlier columns and ``threshold = llm_int8_threshold``, which computes LLM.int8() as
 bitsandbytes does (columns of x with |x| >= threshold in fp16 against the int8 weight
