@@ -3,6 +3,7 @@
   demo        backends, then error / memory / CPU time per method on a 4096x4096 layer (default)
   perplexity  perplexity of a real model by quantization method
   analyze     outlier-feature analysis of a real model (plots and a JSON report)
+  quantize    quantize a model with LLM.int8() once and save it (llmint8 or bitsandbytes format)
 """
 import sys
 
@@ -20,10 +21,13 @@ def main(argv=None):
     if cmd == "perplexity":
         from .models.cli import perplexity_main
         return perplexity_main(rest)
+    if cmd == "quantize":
+        from .models.quantize_cli import quantize_main
+        return quantize_main(rest)
     if cmd == "analyze":
         from .analysis.cli import analyze_main
         return analyze_main(rest)
-    print(f"python -m llmint8: unknown command {cmd!r}; expected demo, perplexity or analyze", file=sys.stderr)
+    print(f"python -m llmint8: unknown command {cmd!r}; expected demo, perplexity, analyze or quantize", file=sys.stderr)
     return 2
 
 

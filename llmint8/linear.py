@@ -110,6 +110,45 @@ class Int8Linear(_C.Int8Linear):
         wq, ws, wo, b = self._export()
         return type(self)(wq, ws, self.outlier_columns, wo, b, self.threshold, device)
 
+    # ---- plain arrays and back
+    def to_dict(self):
+        """The layer as a dict of NumPy arrays (copies), enough to rebuild it exactly:
+
+        ``weight_int8`` (out, in) int8 (known outlier columns are 0), ``weight_scale`` (out,)
+        float32 (each row's absmax over the non-outlier columns), ``outlier_columns`` (k,) int32
+        sorted and unique, ``outlier_weight`` (out, k) float16 (those columns of the original
+        weight), ``threshold`` () float32, and ``bias`` (out,) float32 only when the layer has
+        one. :meth:`from_dict` of the result computes bit-identical outputs."""
+        wq, ws, wo, b = self._export()
+        d = {"weight_int8": wq, "weight_scale": ws, "outlier_columns": self.outlier_columns,
+             "outlier_weight": wo, "threshold": np.array(self.threshold, dtype=np.float32)}
+        if b is not None:
+            d["bias"] = b
+        return d
+
+    @classmethod
+    def from_dict(cls, d, device=None):
+        """Rebuild a layer from :meth:`to_dict`'s arrays (missing ``bias`` = no bias, missing
+        ``threshold`` = 6.0). The arrays are copied into the layer's own layout, so ``d`` may
+        hold memory-mapped arrays. ``outlier_columns`` must be strictly increasing (as
+        :meth:`to_dict` writes them). Raises ValueError/TypeError naming a missing key or a
+        wrong dtype or shape."""
+        missing = [k for k in ("weight_int8", "weight_scale", "outlier_columns", "outlier_weight") if k not in d]
+        if missing:
+            raise ValueError(f"Int8Linear.from_dict: missing key(s) {', '.join(missing)}; "
+                             f"expected the keys Int8Linear.to_dict writes")
+        cols = np.asarray(d["outlier_columns"])
+        if cols.ndim != 1 or (cols.size and not np.issubdtype(cols.dtype, np.integer)):
+            raise ValueError(f"Int8Linear.from_dict: outlier_columns must be a 1-D integer array, "
+                             f"got shape {cols.shape} dtype {cols.dtype}")
+        if cols.size > 1 and not np.all(np.diff(cols.astype(np.int64)) > 0):
+            raise ValueError("Int8Linear.from_dict: outlier_columns must be strictly increasing "
+                             "(their order matches outlier_weight's columns)")
+        thr = d.get("threshold", 6.0)
+        thr = float(np.asarray(thr).reshape(-1)[0]) if np.size(thr) == 1 else thr
+        return cls(d["weight_int8"], d["weight_scale"], cols, d["outlier_weight"], d.get("bias"), thr,
+                   resolve_device(device))
+
     def __reduce__(self):
         wq, ws, wo, b = self._export()
         return (_rebuild, (type(self), wq, ws, self.outlier_columns, wo, b, self.threshold, self.device))

@@ -82,24 +82,31 @@ def perplexity_main(argv: list[str]) -> int:
     rows = []
     print(f"model {model.name} ({model.arch}, {model.n_params:,} parameters), {len(tokens)} tokens, "
           f"context {args.context}, stride {args.stride}, activations {args.dtype}", flush=True)
+    plan = ["float"] + [x for x in methods if x != "float"]
+    if model.method != "float":
+        # a saved quantized model holds no float weights: score it as saved
+        print(f"note: {args.model} is already quantized ({model.method}, threshold {model.threshold:g}); "
+              f"scoring it as saved, without a float baseline", flush=True)
+        plan = [model.method]
     try:
-        for m in ["float"] + [x for x in methods if x != "float"]:
+        for m in plan:
             t0 = time.perf_counter()
-            qm = model if m == "float" else model.quantize(m, threshold=args.threshold, device=args.device)
+            qm = model if m == model.method else model.quantize(m, threshold=args.threshold, device=args.device)
             r = perplexity(qm, tokens, context=args.context, stride=args.stride, progress=progress)
             rows.append(dict(method=m, ppl=r["ppl"], nll=r["nll"], n_tokens=r["n_tokens"],
                              weight_bytes=qm.linear_weight_nbytes, seconds=time.perf_counter() - t0))
     except (ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    base = rows[0]["ppl"]
+    base = rows[0]["ppl"] if rows[0]["method"] == "float" else None
     for r in rows:
-        r["change_pct"] = 100.0 * (r["ppl"] - base) / base
+        r["change_pct"] = 100.0 * (r["ppl"] - base) / base if base else float("nan")
     head = f"{'method':<12} {'perplexity':>12} {'vs float':>10} {'linear weights':>15} {'seconds':>9}"
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['method']:<12} {r['ppl']:>12.4f} {r['change_pct']:>+9.3f}% {_fmt_bytes(r['weight_bytes']):>15} "
+        change = f"{r['change_pct']:>+9.3f}%" if r["change_pct"] == r["change_pct"] else f"{'n/a':>10}"
+        print(f"{r['method']:<12} {r['ppl']:>12.4f} {change} {_fmt_bytes(r['weight_bytes']):>15} "
               f"{r['seconds']:>9.1f}")
     if model.baseline_note:
         print(f"note: {model.baseline_note}")

@@ -30,7 +30,8 @@ import numpy as np
 
 from .tokenizers import load_hf_tokenizer, load_llama2c_tokenizer, tokenizer_from_gguf_fields
 
-__all__ = ["Checkpoint", "load_checkpoint", "load_llama2c", "load_hf", "load_gguf"]
+__all__ = ["Checkpoint", "load_checkpoint", "load_llama2c", "load_hf", "load_gguf", "validate_config",
+           "validate_finite"]
 
 # Sanity bounds for header values; far above any model this package can run in NumPy.
 _MAX_DIM = 1 << 17
@@ -122,6 +123,85 @@ def validate_weights(path: str, cfg: dict, weights: dict) -> None:
             out = weights[name.replace(".bias", ".weight")].shape[0]
             if tuple(w.shape) != (out,):
                 raise ValueError(f"{path}: bias {name!r} has shape {tuple(w.shape)}, expected ({out},)")
+
+
+# where each canonical config value comes from, for error messages
+_CONFIG_SOURCES = {
+    "dim": "hidden_size / n_embd / embedding_length", "n_layers": "num_hidden_layers / n_layer / block_count",
+    "n_heads": "num_attention_heads / n_head", "n_kv_heads": "num_key_value_heads",
+    "head_dim": "head_dim / key_length", "vocab_size": "vocab_size", "hidden_dim": "intermediate_size / ffn_dim / n_inner",
+    "max_seq_len": "max_position_embeddings / n_positions / seq_len / context_length",
+    "norm_eps": "rms_norm_eps / layer_norm_eps / layer_norm_epsilon",
+    "rope_theta": "rope_theta / rotary_emb_base / rope.freq_base", "rope_local_theta": "rope_local_base_freq",
+    "rotary_dim": "rotary_pct / rope.dimension_count", "embed_scale": "hidden_size",
+    "attn_scale": "query_pre_attn_scalar", "sliding_window": "sliding_window",
+}
+
+
+def _finite_positive(v) -> bool:
+    return (not isinstance(v, bool)) and isinstance(v, (int, float, np.floating, np.integer)) and \
+        bool(np.isfinite(float(v))) and float(v) > 0
+
+
+def validate_config(path: str, cfg: dict) -> None:
+    """Raise ValueError naming the key when a canonical config holds an impossible value: sizes
+    that are not positive integers, a non-finite or non-positive norm epsilon, RoPE base,
+    attention or embedding scale, or a rotary dimension that does not fit the head."""
+
+    def bad(key, v, want):
+        src = _CONFIG_SOURCES.get(key)
+        raise ValueError(f"{path}: config value {key}={v!r}{f' (from {src})' if src else ''} is impossible; "
+                         f"expected {want}")
+
+    limits = dict(dim=_MAX_DIM, hidden_dim=_MAX_DIM * 8, n_layers=_MAX_LAYERS, n_heads=_MAX_DIM,
+                  n_kv_heads=_MAX_DIM, vocab_size=_MAX_VOCAB, max_seq_len=_MAX_SEQ, head_dim=_MAX_DIM)
+    for k, lim in limits.items():
+        v = cfg.get(k)
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 0 < int(v) <= lim:
+            bad(k, v, f"an integer in 1..{lim}")
+    if cfg["n_heads"] % cfg["n_kv_heads"]:
+        bad("n_kv_heads", cfg["n_kv_heads"], f"a divisor of n_heads={cfg['n_heads']}")
+    if not _finite_positive(cfg.get("norm_eps")):
+        bad("norm_eps", cfg.get("norm_eps"), "a finite number > 0")
+    if cfg.get("rope"):
+        if not _finite_positive(cfg.get("rope_theta")):
+            bad("rope_theta", cfg.get("rope_theta"), "a finite number > 0")
+        if cfg.get("rope_local_theta") is not None and not _finite_positive(cfg["rope_local_theta"]):
+            bad("rope_local_theta", cfg["rope_local_theta"], "a finite number > 0")
+        rd = cfg.get("rotary_dim")
+        if isinstance(rd, bool) or not isinstance(rd, (int, np.integer)) or not 0 < rd <= cfg["head_dim"] or rd % 2:
+            bad("rotary_dim", rd, f"an even integer in 2..head_dim={cfg['head_dim']}")
+        rs = cfg.get("rope_scaling")
+        if rs is not None:
+            if not isinstance(rs, dict):
+                bad("rope_scaling", rs, "an object")
+            kind = rs.get("rope_type", rs.get("type"))
+            if kind not in (None, "default") and not _finite_positive(rs.get("factor")):
+                bad("rope_scaling.factor", rs.get("factor"), "a finite number > 0")
+    es = cfg.get("embed_scale", 1.0)
+    if not _finite_positive(es):
+        bad("embed_scale", es, "a finite number > 0")
+    if cfg.get("attn_scale") is not None and not _finite_positive(cfg["attn_scale"]):
+        bad("attn_scale", cfg["attn_scale"], "a finite number > 0")
+    sw = cfg.get("sliding_window")
+    if sw is not None and (isinstance(sw, bool) or not isinstance(sw, (int, np.integer)) or sw < 1):
+        bad("sliding_window", sw, "a positive integer or null")
+
+
+def validate_finite(path: str, weights: dict) -> None:
+    """Raise ValueError naming the first float weight that holds NaN or Inf (min/max scan: no
+    temporary copies)."""
+    seen = set()
+    for name, w in weights.items():
+        if id(w) in seen or not isinstance(w, np.ndarray) or w.size == 0 or w.dtype.kind != "f":
+            continue
+        seen.add(id(w))
+        with np.errstate(invalid="ignore"):
+            lo, hi = w.min(), w.max()
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            flat = np.asarray(w).reshape(-1)
+            i = int(np.argmax(~np.isfinite(flat)))
+            raise ValueError(f"{path}: weight {name!r} holds {flat[i]} at flat index {i}; expected finite values")
 
 
 # --------------------------------------------------------------------------- llama2.c
@@ -312,12 +392,9 @@ def _hf_files(folder: str) -> list[str]:
     return [os.path.join(folder, x) for x in files]
 
 
-def load_hf(folder: str) -> Checkpoint:
-    """Load a Hugging Face checkpoint folder: ``config.json`` + ``.safetensors`` (sharded via
-    ``model.safetensors.index.json``) + optional ``tokenizer.json``. Supported ``model_type``:
-    llama, mistral, qwen2, gpt2, opt, gpt_neox, gemma3_text/gemma3."""
-    if os.path.isfile(folder):
-        folder = os.path.dirname(os.path.abspath(folder))
+def read_hf_config(folder: str) -> tuple[dict, str]:
+    """(config.json as a dict, its path) of a Hugging Face folder; Gemma 3's ``text_config`` is
+    lifted to the top (keeping ``quantization_config``)."""
     cpath = os.path.join(folder, "config.json")
     if not os.path.exists(cpath):
         raise ValueError(f"{folder}: no config.json (needed for a Hugging Face checkpoint)")
@@ -326,12 +403,41 @@ def load_hf(folder: str) -> Checkpoint:
             hc = json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"{cpath}: not valid JSON ({e})") from None
-    if hc.get("model_type") == "gemma3" and "text_config" in hc:
+    if not isinstance(hc, dict):
+        raise ValueError(f"{cpath}: expected a JSON object")
+    if hc.get("model_type") == "gemma3" and isinstance(hc.get("text_config"), dict):
+        qc = hc.get("quantization_config")
         hc = dict(hc["text_config"], model_type="gemma3_text")
-    mt = hc.get("model_type")
+        if qc is not None:
+            hc.setdefault("quantization_config", qc)
+    return hc, cpath
+
+
+def load_hf(folder: str) -> Checkpoint:
+    """Load a Hugging Face checkpoint folder: ``config.json`` + ``.safetensors`` (sharded via
+    ``model.safetensors.index.json``) + optional ``tokenizer.json``. Supported ``model_type``:
+    llama, mistral, qwen2, gpt2, opt, gpt_neox, gemma3_text/gemma3."""
+    if os.path.isfile(folder):
+        folder = os.path.dirname(os.path.abspath(folder))
+    hc, cpath = read_hf_config(folder)
+    if isinstance(hc.get("quantization_config"), dict):
+        raise ValueError(f"{cpath}: a quantized checkpoint (quantization_config); load it with "
+                         f"llmint8.models.load_model, which reads bitsandbytes 8-bit folders")
     tensors = {}
     for p in _hf_files(folder):
         tensors.update(read_safetensors(p))
+    return hf_checkpoint(folder, hc, tensors)
+
+
+def hf_checkpoint(folder: str, hc: dict, tensors: dict) -> Checkpoint:
+    """Build the canonical :class:`Checkpoint` from a Hugging Face config dict and its tensors
+    (name -> array); checks shapes and loads the tokenizer found in ``folder``."""
+    cpath = os.path.join(folder, "config.json")
+    mt = hc.get("model_type")
+    for k in _HF_FLOAT_KEYS:
+        v = hc.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise ValueError(f"{cpath}: {k}={v!r} is not a number")
     builders = {"llama": _hf_llama, "mistral": _hf_llama, "qwen2": _hf_llama, "gpt2": _hf_gpt2,
                 "opt": _hf_opt, "gpt_neox": _hf_neox, "gemma3_text": _hf_gemma3}
     if mt not in builders:
@@ -340,6 +446,8 @@ def load_hf(folder: str) -> Checkpoint:
         cfg, w = builders[mt](hc, tensors)
     except KeyError as e:
         raise ValueError(f"{folder}: tensor or config key {e} missing for model_type {mt!r}") from None
+    except TypeError as e:
+        raise ValueError(f"{cpath}: a config value has the wrong type ({e})") from None
     cfg.setdefault("bos_id", hc.get("bos_token_id"))
     if cfg.get("bos_id") is None:
         cfg["bos_id"] = hc.get("bos_token_id")
@@ -351,10 +459,17 @@ def load_hf(folder: str) -> Checkpoint:
                       source=folder)
 
 
+_HF_FLOAT_KEYS = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "rope_theta", "rotary_emb_base",
+                  "rotary_pct", "rope_local_base_freq", "query_pre_attn_scalar")
+
+
 def _hf_int(hc, *keys, default=None):
     for k in keys:
-        if hc.get(k) is not None:
-            return int(hc[k])
+        v = hc.get(k)
+        if v is not None:
+            if isinstance(v, bool) or not (isinstance(v, int) or (isinstance(v, float) and v.is_integer())):
+                raise ValueError(f"config.json: {k}={v!r} is not an integer")
+            return int(v)
     if default is not None:
         return default
     raise KeyError(keys[0])
@@ -751,7 +866,15 @@ def load_gguf(path: str) -> Checkpoint:
 
 
 def load_checkpoint(path: str, tokenizer: str | None = None) -> Checkpoint:
-    """Detect the format of ``path`` (file or folder) and load it."""
+    """Detect the format of ``path`` (file or folder) and load it; the config and weights are
+    checked for impossible values (:func:`validate_config`, :func:`validate_finite`)."""
+    ck = _load_checkpoint(path, tokenizer)
+    validate_config(ck.source or path, ck.config)
+    validate_finite(ck.source or path, ck.weights)
+    return ck
+
+
+def _load_checkpoint(path: str, tokenizer: str | None = None) -> Checkpoint:
     if not os.path.exists(path):
         raise FileNotFoundError(f"model path {path!r} does not exist")
     if os.path.isdir(path):

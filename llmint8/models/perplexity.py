@@ -39,8 +39,10 @@ def perplexity(model, tokens, context: int = 256, stride: int = 128, progress: b
     n = len(tokens)
     if n < 2:
         raise ValueError(f"need at least 2 tokens for perplexity, got {n}")
-    context = int(min(context, model.config["max_seq_len"]))
-    stride = int(stride)
+    context, stride = int(context), int(stride)
+    if context > model.config["max_seq_len"]:
+        raise ValueError(f"context={context} exceeds the model's maximum sequence length "
+                         f"(max_seq_len={model.config['max_seq_len']}); expected context <= max_seq_len")
     if context < 2 or not 1 <= stride <= context:
         raise ValueError(f"expected context >= 2 and 1 <= stride <= context, got context={context} stride={stride}")
     windows, prev_end, begin = [], 0, 0

@@ -86,6 +86,15 @@ class Int8LinearLayer:
             weight, bias=None if bias is None else np.asarray(bias, dtype=np.float32),
             threshold=threshold, outlier_columns=outlier_columns, device=device)
 
+    @classmethod
+    def wrap(cls, layer, method: str = "llm.int8") -> "Int8LinearLayer":
+        """Use an existing :class:`llmint8.Int8Linear` (e.g. one loaded from a saved model)."""
+        self = cls.__new__(cls)
+        self.out_features, self.in_features = layer.out_features, layer.in_features
+        self.layer = layer
+        self.method = method
+        return self
+
     @property
     def nbytes(self) -> int:
         """Bytes held by the Int8Linear (int8 weight, scales, fp16 outlier columns, bias)."""
@@ -283,6 +292,9 @@ class Model:
         self._linear_hooks: list = []
         self._attn_hooks: list = []
         self.threshold = None
+        # provenance, recorded by load_model / quantize and written by save_quantized
+        self.source = ""
+        self.calibration_tokens = 0
 
     # -------------------------------------------------------------- info
 
@@ -294,6 +306,10 @@ class Model:
             if id(w) not in seen:
                 seen.add(id(w))
                 n += int(w.size)
+        for name, layer in self.linears.items():
+            if name + ".weight" not in self.weights:  # loaded already quantized: no float copy
+                n += int(layer.out_features * layer.in_features)
+                n += int(layer.out_features) if getattr(getattr(layer, "layer", None), "has_bias", False) else 0
         return n
 
     @property
@@ -346,7 +362,7 @@ class Model:
     # -------------------------------------------------------------- quantization
 
     def quantize(self, method: str = "llm.int8", threshold: float = 6.0, device: str | None = "cpu",
-                 calibration_tokens=None) -> "Model":
+                 calibration_tokens=None, progress: bool = False) -> "Model":
         """Return a new model whose linear layers use ``method`` (one of :data:`METHODS`); the
         embeddings, norms and the tokenizer are shared with this model, which is left unchanged.
 
@@ -354,14 +370,23 @@ class Model:
         model and fixes each layer's outlier columns to those where any |input| >= threshold
         (:func:`llmint8.find_outlier_columns`); without it Int8Linear finds them per call.
         ``device`` ("cpu", "cuda", or None for the best available) applies to llm.int8 and vectorwise
-        layers; absmax, rowwise and zeropoint run on the CPU through :func:`llmint8.matmul`."""
+        layers; absmax, rowwise and zeropoint run on the CPU through :func:`llmint8.matmul`.
+        ``progress`` shows a progress bar over the layers (tqdm)."""
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+        if any(n + ".weight" not in self.weights for n in self.linear_names):
+            raise ValueError(f"{self.name or 'this model'} was loaded already quantized ({self.method}) and holds "
+                             f"no float linear weights to quantize; load the float checkpoint instead")
         outliers = None
         if calibration_tokens is not None and method == "llm.int8":
             outliers = self.calibrate(calibration_tokens, threshold)
         linears = {}
-        for n in self.linear_names:
+        names = self.linear_names
+        if progress:
+            from tqdm.auto import tqdm
+
+            names = tqdm(names, desc=f"quantizing ({method})", unit="layer", leave=False)
+        for n in names:
             w, b = self.weights[n + ".weight"], self.weights.get(n + ".bias")
             if method == "float":
                 linears[n] = FloatLinear(w, b)
@@ -379,6 +404,9 @@ class Model:
         m = Model(self.config, self.weights, self.tokenizer, name=self.name, dtype=self.dtype.name,
                   baseline_note=self.baseline_note, linears=linears, method=method)
         m.threshold = threshold if method == "llm.int8" else None
+        m.source = self.source
+        if outliers is not None:
+            m.calibration_tokens = int(np.asarray(calibration_tokens).size)
         return m
 
     def calibrate(self, tokens, threshold: float = 6.0) -> dict:
