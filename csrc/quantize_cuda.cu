@@ -48,7 +48,13 @@ namespace {
 
 constexpr int QBLOCK = 256;   /* threads per row block */
 constexpr int CBLOCK = 1024;  /* threads of the compaction block */
-static_assert(QBLOCK % 32 == 0 && CBLOCK % 32 == 0 && CBLOCK / 32 <= 32, "block scans assume whole warps");
+/* Threads per row block of pass 2: most rows only zero a few columns and gather a few
+ * values (a chain of dependent loads), so small blocks let 32 rows share an SM; the rows
+ * that are re-quantized read their row with these threads (any block size gives the same
+ * bits: the max is order-independent). */
+constexpr int FBLOCK = 64;
+static_assert(QBLOCK % 32 == 0 && CBLOCK % 32 == 0 && FBLOCK % 32 == 0 && CBLOCK / 32 <= 32 && FBLOCK <= QBLOCK,
+              "block scans assume whole warps");
 static_assert(CBLOCK / 32 >= L8_CUDA_SMALL_M, "small_m_kernel gives every row at least one warp");
 
 template <typename T> __device__ __forceinline__ float to_f(T v);
@@ -376,10 +382,10 @@ cudaError_t l8_outliers_fix_cuda(const void *x, l8_dtype xt, int64_t m, int64_t 
     if (m == 0) return cudaSuccess;
     const bool f16 = xt == L8_F16;
     const int vec = f16 ? (vec_ok<__half>(x, k) ? 8 : 1) : (vec_ok<float>(x, k) ? 4 : 1);
-    const int threads = qthreads(k, vec);
-    /* blocks for the dynamic weights: up to one element per thread, at most 256 blocks */
+    const int threads = std::min(qthreads(k, vec), FBLOCK);
+    /* blocks for the dynamic weights: up to one element per thread, at most 64K threads */
     const int64_t elems = dcap > 0 ? (int64_t)dcap * n : 0;
-    const int64_t nwb = std::min<int64_t>((elems + threads - 1) / threads, 256);
+    const int64_t nwb = std::min<int64_t>((elems + threads - 1) / threads, 65536 / threads);
     if (m + nwb > 0x7fffffff) return cudaErrorInvalidValue;
     const dim3 grid((unsigned)(m + nwb));
 #define L8_FIX_LAUNCH(T, V)                                                                                        \
