@@ -505,7 +505,7 @@ def test_nonfinite_device_input_stays_in_its_rows(m, threshold, xdt):
 def test_two_streams_on_one_layer():
     create, destroy = getattr(_C, "_stream_create", None), getattr(_C, "_stream_destroy", None)
     if create is None or destroy is None:
-        pytest.skip("this build has no _stream_create / _stream_destroy helper")
+        pytest.skip("this build has no _stream_create / _stream_destroy functions")
     cpu, dev = make_layers(256, 512, 6.0, known=(3,))
     xs = [activations(m, 512, n_outlier_cols=2, seed=m) for m in (40, 300, 3)]
     wants = [cpu(x) for x in xs]
