@@ -4,7 +4,7 @@
  *   failing expression, file and line in an l8_status (MemoryError for out-of-memory,
  *   RuntimeError otherwise) and jumps to the function's `fail:` label.
  * - The CUDA context (l8_cuda_ctx): everything the module holds for CUDA (per-device
- *   cuBLASLt handle, workspace, algorithm cache, current stream). It lives in the
+ *   cuBLASLt handle, the matmul plans cached per shape, current stream). It lives in the
  *   module state (l8_state.cuda); there are no process globals.
  * - The C API of the CUDA files, callable from C (module.c, device_array.c).
  *
@@ -57,9 +57,9 @@ int l8_cuda_device_count(const char **why);
 /* A new, empty context (no CUDA call is made until a device is first used). NULL when
  * out of host memory. */
 l8_cuda_ctx *l8_cuda_ctx_new(void);
-/* Destroy handles, workspaces and cached algorithms. Safe on NULL. */
+/* Destroy handles and cached plans. Safe on NULL. */
 void l8_cuda_ctx_free(l8_cuda_ctx *ctx);
-/* Make `device` ready (cuBLASLt handle, workspace, memory pool threshold): fails with a
+/* Make `device` ready (cuBLASLt handle, memory pool threshold): fails with a
  * RuntimeError naming the CUDA error when the device cannot be used. */
 int l8_cuda_ctx_device(l8_cuda_ctx *ctx, int device, l8_status *st);
 /* The stream all work is queued on (0: the legacy default stream). */
@@ -86,12 +86,20 @@ void l8_cuda_pop_device(int prev);
 extern const l8_backend l8_cuda_backend;
 
 /* y (m, out) = layer(x (m, in)) with x and y in device memory on L->device, all work
- * queued on `s`, no host synchronization. x float16/float32, y float16/float32. */
+ * queued on `s`, no host synchronization, no event and no synchronous allocation: a call
+ * can be captured in a CUDA graph. x float16/float32, y float16/float32.
+ * Non-finite x is not checked (that would need a host synchronization); what it gives
+ * (linear_cuda.cu): a row holding NaN gives NaN in every output of that row; a row
+ * holding +-Inf gives non-finite outputs in that row (NaN, or +-Inf where the Inf column
+ * is an outlier column); the other rows are what the CPU backend gives for the finite
+ * rows alone (an Inf at or above the threshold makes its column an outlier column, as a
+ * large finite value would). Never a crash or an out-of-bounds access. */
 int l8_cuda_linear_forward(const l8_layer *L, const void *x, l8_dtype xt, int64_t m, void *y, l8_dtype yt,
                            cudaStream_t s, l8_status *st);
 
 /* Exact int8 GEMM on device memory: C (m, n) int32 = A (m, k) int8 @ B (n, k)^T.
- * path: 0 auto, 1 the small-m GEMV kernel (m <= L8_CUDA_GEMV_MAX_M), 2 cuBLASLt. */
+ * path: 0 auto, 1 the small-m GEMV kernel (m <= L8_CUDA_GEMV_MAX_M), 2 cuBLASLt (the
+ * tiled kernel when cuBLASLt has no algorithm for the shape), 3 the tiled kernel. */
 int l8_cuda_int8_matmul(l8_cuda_ctx *ctx, int device, const int8_t *A, const int8_t *B, int64_t m, int64_t n,
                         int64_t k, int32_t *C, int path, cudaStream_t s, l8_status *st);
 

@@ -1,7 +1,8 @@
 /* gemm_cuda.cu: int8 GEMM on the GPU and what it needs: the CUDA context (cuBLASLt
- * handle, workspace, algorithm cache, current stream), the status checks, the cuBLASLt
- * wrapper (int8 and the fp16 baseline), the small-m GEMV kernel and the dequantization
- * epilogue. CPU reference: gemm.c (l8_gemm_s8_ref) and linear_cpu.c (linear_epilogue).
+ * handle, per-shape matmul plans, current stream), the status checks, the cuBLASLt
+ * wrapper (int8 and the fp16 baseline), the tiled int8 fallback, the small-m GEMV kernel
+ * and the dequantization epilogue. CPU reference: gemm.c (l8_gemm_s8_ref) and
+ * linear_cpu.c (linear_epilogue).
  *
  * Versions of the int8 product:
  *   - cuBLASLt (m > L8_CUDA_GEMV_MAX_M): int8 x int8 -> int32 with CUBLAS_COMPUTE_32I in
@@ -9,12 +10,20 @@
  *     of l8_dequant_cuda over the int32 result that applies the row and column scales,
  *     the fp16 outlier product and the bias, and converts. cuBLASLt cannot do this
  *     itself: its int8 epilogues scale by a single vector and write int8 or int32.
+ *   - tiled (when cuBLASLt has no int8 algorithm for a shape, or forced with path 3 of
+ *     l8_cuda_int8_matmul): 64 x 64 output tiles through shared memory with dp4a.
  *   - GEMV (m <= L8_CUDA_GEMV_MAX_M): one warp per 4 output columns streams the int8
  *     weight rows once with 16-byte loads, multiplies with dp4a, and runs the same
  *     epilogue on the reduced sums, so the int32 product never reaches memory.
- * Both are exact in int32, and the epilogue replays the CPU backend's fp32 operations
+ * All are exact in int32, and the epilogue replays the CPU backend's fp32 operations
  * in the same order with __fmul_rn/__fadd_rn (no fused multiply-add), so the CUDA and
  * CPU backends agree bit for bit.
+ *
+ * Graph capture: nothing here waits across calls or synchronizes with the host. Each
+ * cuBLASLt call takes the workspace its algorithm needs from the stream-ordered pool on
+ * the call's stream (cudaMallocAsync / cudaFreeAsync, both capturable), so calls on
+ * different streams run concurrently and a forward can be captured in a CUDA graph. The
+ * first call of a shape builds its plan (descriptors, heuristic): host work only.
  *
  * Build: setup.py compiles every .cu file in csrc with nvcc (python setup.py build_ext --inplace).
  * Check: pytest tests/test_cuda.py (CUDA against the CPU backend). Time: benchmarks/bench_linear.py.
@@ -54,7 +63,16 @@ extern "C" int l8_cublas_fail(l8_status *st, cublasStatus_t e, const char *expr,
 
 namespace {
 
-constexpr size_t LT_WORKSPACE = 32u << 20; /* what cuBLAS recommends for Hopper */
+/* The most workspace the cuBLASLt heuristic may ask for (what cuBLAS recommends for
+ * Hopper). Each matmul takes the workspace its algorithm needs from the stream-ordered
+ * pool on its own stream, so calls on different streams never share one, nothing waits
+ * across calls, and a forward can be captured in a CUDA graph (cudaMallocAsync and
+ * cudaFreeAsync are capturable). */
+constexpr size_t LT_WORKSPACE = 32u << 20;
+
+/* Plans kept at most (a few KB each); past this the cache starts over. Prefills of many
+ * different lengths make a plan per multiple of 32 rows. */
+constexpr size_t MAX_PLANS = 4096;
 
 /* Bytes of freed memory the default pool keeps reserved across synchronizations. */
 constexpr uint64_t POOL_RELEASE_THRESHOLD = 1ull << 30;
@@ -62,20 +80,50 @@ constexpr uint64_t POOL_RELEASE_THRESHOLD = 1ull << 30;
 struct dev_state {
     bool ready = false;
     cublasLtHandle_t lt = nullptr;
-    void *ws = nullptr;
-    cudaEvent_t ws_done = nullptr;   /* recorded after the last matmul that used ws */
-    bool ws_used = false;
 };
 
-/* kind, device, rows of D, cols of D, k, alignments of A/B/D, bias */
-using algo_key = std::tuple<int, int, int64_t, int64_t, int64_t, int, int, int, int>;
+/* One matmul shape, ready to run: its descriptors, layouts and algorithm. Created on the
+ * first call of a shape, destroyed with the context. supported == false: the heuristic
+ * found no algorithm (the int8 GEMM then runs the tiled kernel). */
+struct lt_plan {
+    cublasLtMatmulDesc_t op = nullptr;
+    cublasLtMatrixLayout_t la = nullptr, lb = nullptr, ld = nullptr;
+    cublasLtMatmulAlgo_t algo = {};
+    size_t ws = 0; /* workspace bytes the algorithm needs */
+    bool supported = false;
+};
+
+void destroy_plan(lt_plan &p) {
+    if (p.ld) cublasLtMatrixLayoutDestroy(p.ld);
+    if (p.lb) cublasLtMatrixLayoutDestroy(p.lb);
+    if (p.la) cublasLtMatrixLayoutDestroy(p.la);
+    if (p.op) cublasLtMatmulDescDestroy(p.op);
+    p = lt_plan();
+}
+
+/* kind, device, rows of D, cols of D, k, alignments of A/B/D and of the bias (0: none) */
+using plan_key = std::tuple<int, int, int64_t, int64_t, int64_t, int, int, int, int>;
+
+/* Run f(), turning a C++ exception into a failed status: none may cross extern "C". */
+template <typename F>
+int no_throw(l8_status *st, F f) {
+    try {
+        return f();
+    } catch (const std::bad_alloc &) {
+        return l8_fail(st, L8_ERR_NOMEM, "out of host memory");
+    } catch (const std::exception &e) {
+        return l8_fail(st, L8_ERR_RUNTIME, "unexpected C++ exception: %s", e.what());
+    } catch (...) {
+        return l8_fail(st, L8_ERR_RUNTIME, "unexpected C++ exception");
+    }
+}
 
 } // namespace
 
 struct l8_cuda_ctx {
     std::mutex mu;                 /* the GIL is released around all of this */
     std::vector<dev_state> devs;
-    std::map<algo_key, cublasLtMatmulAlgo_t> algos;
+    std::map<plan_key, lt_plan> plans;
     cudaStream_t stream = nullptr; /* current stream; 0 is the legacy default stream */
 };
 
@@ -97,12 +145,11 @@ extern "C" void l8_cuda_ctx_free(l8_cuda_ctx *ctx) {
     if (!ctx) return;
     int prev = -1;
     const bool have_prev = cudaGetDevice(&prev) == cudaSuccess;
+    for (auto &kv : ctx->plans) destroy_plan(kv.second); /* host objects: no device needed */
     for (size_t d = 0; d < ctx->devs.size(); d++) {
         dev_state &ds = ctx->devs[d];
         if (!ds.ready) continue;
         if (cudaSetDevice((int)d) != cudaSuccess) continue; /* runtime shutting down: nothing to free */
-        if (ds.ws) cudaFree(ds.ws);
-        if (ds.ws_done) cudaEventDestroy(ds.ws_done);
         if (ds.lt) cublasLtDestroy(ds.lt);
     }
     if (have_prev) cudaSetDevice(prev);
@@ -124,8 +171,10 @@ extern "C" void l8_cuda_pop_device(int prev) {
     if (prev >= 0 && cudaGetDevice(&cur) == cudaSuccess && cur != prev) cudaSetDevice(prev);
 }
 
-extern "C" int l8_cuda_ctx_device(l8_cuda_ctx *ctx, int device, l8_status *st) {
-    std::lock_guard<std::mutex> lock(ctx->mu);
+namespace {
+
+/* l8_cuda_ctx_device with ctx->mu held. */
+int ctx_device_locked(l8_cuda_ctx *ctx, int device, l8_status *st) {
     if (device >= 0 && (size_t)device < ctx->devs.size() && ctx->devs[device].ready) return 0;
     const char *why = nullptr;
     const int n = l8_cuda_device_count(&why);
@@ -134,7 +183,7 @@ extern "C" int l8_cuda_ctx_device(l8_cuda_ctx *ctx, int device, l8_status *st) {
                        device, why ? why : "unknown");
     if (device < 0 || device >= n)
         return l8_fail(st, L8_ERR_VALUE, "CUDA device %d does not exist (this machine has %d)", device, n);
-    if (ctx->devs.size() < (size_t)n) ctx->devs.resize((size_t)n);
+    if (ctx->devs.size() < (size_t)n) ctx->devs.resize((size_t)n); /* may throw: nothing created yet */
     dev_state &ds = ctx->devs[device];
     int prev = -1;
     cudaMemPool_t pool;
@@ -155,8 +204,6 @@ extern "C" int l8_cuda_ctx_device(l8_cuda_ctx *ctx, int device, l8_status *st) {
         goto fail;
     }
     L8_CUBLAS_CHECK(st, cublasLtCreate(&ds.lt));
-    L8_CUDA_CHECK(st, cudaMalloc(&ds.ws, LT_WORKSPACE));
-    L8_CUDA_CHECK(st, cudaEventCreateWithFlags(&ds.ws_done, cudaEventDisableTiming));
     /* Keep freed temporaries in the pool between calls instead of returning them to the
      * driver at every synchronization; only raise the threshold if nobody set one. Bounded
      * (POOL_RELEASE_THRESHOLD, 1 GiB) rather than unlimited: the default pool is shared
@@ -172,12 +219,19 @@ extern "C" int l8_cuda_ctx_device(l8_cuda_ctx *ctx, int device, l8_status *st) {
     l8_cuda_pop_device(prev);
     return 0;
 fail:
-    if (ds.ws_done) cudaEventDestroy(ds.ws_done);
-    if (ds.ws) cudaFree(ds.ws);
     if (ds.lt) cublasLtDestroy(ds.lt);
     ds = dev_state();
     l8_cuda_pop_device(prev);
     return -1;
+}
+
+} // namespace
+
+extern "C" int l8_cuda_ctx_device(l8_cuda_ctx *ctx, int device, l8_status *st) {
+    return no_throw(st, [&] {
+        std::lock_guard<std::mutex> lock(ctx->mu);
+        return ctx_device_locked(ctx, device, st);
+    });
 }
 
 extern "C" cudaStream_t l8_cuda_ctx_stream(const l8_cuda_ctx *ctx) { return ctx->stream; }
@@ -195,13 +249,13 @@ extern "C" int l8_cuda_ctx_synchronize(l8_cuda_ctx *ctx, l8_status *st) {
     }
     /* The legacy default stream is per device, and cudaStreamSynchronize(0) only waits for
      * the calling thread's current device: wait for each device this context has used. */
-    try {
-        std::lock_guard<std::mutex> lock(ctx->mu);
-        for (size_t d = 0; d < ctx->devs.size(); d++)
-            if (ctx->devs[d].ready) ready.push_back((int)d);
-    } catch (const std::bad_alloc &) {
-        return l8_fail(st, L8_ERR_NOMEM, "out of host memory");
-    }
+    if (no_throw(st, [&] {
+            std::lock_guard<std::mutex> lock(ctx->mu);
+            for (size_t d = 0; d < ctx->devs.size(); d++)
+                if (ctx->devs[d].ready) ready.push_back((int)d);
+            return 0;
+        }) < 0)
+        return -1;
     if (ready.empty()) { /* nothing was queued; still say so when CUDA cannot be used */
         if (l8_cuda_device_count(&why) == 0)
             return l8_fail(st, L8_ERR_RUNTIME, "CUDA is not available (%s)", why ? why : "unknown");
@@ -257,24 +311,94 @@ cudaError_t fill_columns(__half *D, const __half *v, int64_t M, int64_t N, cudaS
     return cudaGetLastError();
 }
 
-/* D (M, N) col-major = A^T B with A (K, M) col-major (ld K), B (K, N) (ld K), D ld M: the
- * row-major y (N, M) = x (N, K) @ w (M, K)^T. */
-int lt_matmul(l8_cuda_ctx *ctx, int device, int kind, const void *A, const void *B, void *D, int64_t M, int64_t N,
-              int64_t K, const void *bias, cudaStream_t s, l8_status *st) {
-    cublasLtMatmulDesc_t op = nullptr;
-    cublasLtMatrixLayout_t la = nullptr, lb = nullptr, ld = nullptr;
+/* D (M, N) col-major, every column += v (M,), in fp32, rounded to fp16. */
+__global__ void add_columns_kernel(__half *__restrict__ D, const __half *__restrict__ v, int64_t M, int64_t total) {
+    for (int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += (int64_t)gridDim.x * blockDim.x)
+        D[e] = __float2half_rn(__half2float(D[e]) + __half2float(v[e % M]));
+}
+
+cudaError_t add_columns(__half *D, const __half *v, int64_t M, int64_t N, cudaStream_t s) {
+    const int64_t total = M * N, blocks = std::min<int64_t>((total + 255) / 256, 4096);
+    if (total == 0) return cudaSuccess;
+    add_columns_kernel<<<(unsigned)blocks, 256, 0, s>>>(D, v, M, total);
+    return cudaGetLastError();
+}
+
+/* cuBLASLt's bias epilogue reads the bias with vector loads that need more than element
+ * alignment (and has no preference attribute for it): a bias with less than this goes
+ * through add_columns after the matmul instead. */
+constexpr int LT_BIAS_ALIGN = 16;
+
+/* The descriptors, layouts and algorithm of one shape (see lt_matmul). On failure nothing
+ * is left allocated. */
+int make_plan(cublasLtHandle_t lt, bool i8, int64_t M, int64_t N, int64_t K, const void *bias, int aa, int ab_,
+              int ad, lt_plan *p, l8_status *st) {
     cublasLtMatmulPreference_t pref = nullptr;
-    const bool i8 = kind == LT_INT8;
     const cudaDataType_t ab = i8 ? CUDA_R_8I : CUDA_R_16F, dt = i8 ? CUDA_R_32I : CUDA_R_16F;
-    const int es_ab = i8 ? 1 : 2, es_d = i8 ? 4 : 2;
     const cublasOperation_t tA = CUBLAS_OP_T, tB = CUBLAS_OP_N;
+    cublasLtMatmulHeuristicResult_t res = {};
+    int nres = 0;
+    const uint64_t wsb = LT_WORKSPACE;
+    const uint32_t a32 = (uint32_t)aa, b32 = (uint32_t)ab_, d32 = (uint32_t)ad;
+    cublasStatus_t hs;
+    *p = lt_plan();
+    L8_CUBLAS_CHECK(st, cublasLtMatmulDescCreate(&p->op, i8 ? CUBLAS_COMPUTE_32I : CUBLAS_COMPUTE_32F,
+                                                 i8 ? CUDA_R_32I : CUDA_R_32F));
+    L8_CUBLAS_CHECK(st, cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_TRANSA, &tA, sizeof tA));
+    L8_CUBLAS_CHECK(st, cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_TRANSB, &tB, sizeof tB));
+    if (bias) { /* the pointer is set again before every call; this one has the key's alignment */
+        const cublasLtEpilogue_t epi = CUBLASLT_EPILOGUE_BIAS;
+        L8_CUBLAS_CHECK(st, cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof epi));
+        L8_CUBLAS_CHECK(st, cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias,
+                                                           sizeof bias));
+    }
+    L8_CUBLAS_CHECK(st, cublasLtMatrixLayoutCreate(&p->la, ab, (uint64_t)K, (uint64_t)M, K));
+    L8_CUBLAS_CHECK(st, cublasLtMatrixLayoutCreate(&p->lb, ab, (uint64_t)K, (uint64_t)N, K));
+    L8_CUBLAS_CHECK(st, cublasLtMatrixLayoutCreate(&p->ld, dt, (uint64_t)M, (uint64_t)N, M));
+    L8_CUBLAS_CHECK(st, cublasLtMatmulPreferenceCreate(&pref));
+    L8_CUBLAS_CHECK(st, cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &wsb,
+                                                             sizeof wsb));
+    L8_CUBLAS_CHECK(st, cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &a32,
+                                                             sizeof a32));
+    L8_CUBLAS_CHECK(st, cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &b32,
+                                                             sizeof b32));
+    L8_CUBLAS_CHECK(st, cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &d32,
+                                                             sizeof d32));
+    L8_CUBLAS_CHECK(st, cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &d32,
+                                                             sizeof d32));
+    hs = cublasLtMatmulAlgoGetHeuristic(lt, p->op, p->la, p->lb, p->ld, p->ld, pref, 1, &res, &nres);
+    if (hs == CUBLAS_STATUS_NOT_SUPPORTED || (hs == CUBLAS_STATUS_SUCCESS && nres == 0)) {
+        p->supported = false;
+    } else {
+        L8_CUBLAS_CHECK(st, hs);
+        p->algo = res.algo;
+        p->ws = res.workspaceSize;
+        p->supported = true;
+    }
+    cublasLtMatmulPreferenceDestroy(pref);
+    return 0;
+fail:
+    if (pref) cublasLtMatmulPreferenceDestroy(pref);
+    destroy_plan(*p);
+    return -1;
+}
+
+/* D (M, N) col-major = A^T B with A (K, M) col-major (ld K), B (K, N) (ld K), D ld M: the
+ * row-major y (N, M) = x (N, K) @ w (M, K)^T. Returns 0 when queued, -1 on error (in *st),
+ * and 1 when cuBLASLt has no algorithm for the shape (the heuristic found none or the
+ * matmul said NOT_SUPPORTED; nothing queued, no error recorded; the caller decides).
+ * The device must be current and ready. May throw std::bad_alloc (the plan cache). */
+int lt_matmul_throwing(l8_cuda_ctx *ctx, int device, int kind, const void *A, const void *B, void *D, int64_t M,
+                       int64_t N, int64_t K, const void *bias, cudaStream_t s, l8_status *st) {
+    const bool i8 = kind == LT_INT8;
+    const int es_ab = i8 ? 1 : 2, es_d = i8 ? 4 : 2;
     const int32_t ialpha = 1, ibeta = 0;
     const float falpha = 1.0f, fbeta = 0.0f;
     const int aa = alignment(A, K * es_ab), ab_ = alignment(B, K * es_ab), ad = alignment(D, M * es_d);
-    const algo_key key{kind, device, M, N, K, aa, ab_, ad, bias != nullptr};
-    cublasLtMatmulAlgo_t algo;
-    int rc = -1;
-    std::unique_lock<std::mutex> lock(ctx->mu, std::defer_lock);
+    const plan_key key{kind, device, M, N, K, aa, ab_, ad, bias ? alignment(bias, 0) : 0};
+    void *ws = nullptr;
+    size_t wsb = 0;
+    cublasStatus_t cs;
 
     if (M == 0 || N == 0) return 0;
     if (K == 0) { /* an empty sum: cuBLASLt takes no zero-sized layouts; D = 0 (+ bias) */
@@ -284,79 +408,129 @@ int lt_matmul(l8_cuda_ctx *ctx, int device, int kind, const void *A, const void 
             L8_CUDA_CHECK(st, cudaMemsetAsync(D, 0, (size_t)(M * N) * (size_t)es_d, s));
         return 0;
     }
-    L8_CUBLAS_CHECK(st, cublasLtMatmulDescCreate(&op, i8 ? CUBLAS_COMPUTE_32I : CUBLAS_COMPUTE_32F,
-                                                 i8 ? CUDA_R_32I : CUDA_R_32F));
-    L8_CUBLAS_CHECK(st, cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &tA, sizeof tA));
-    L8_CUBLAS_CHECK(st, cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &tB, sizeof tB));
-    if (bias) {
-        const cublasLtEpilogue_t epi = CUBLASLT_EPILOGUE_BIAS;
-        L8_CUBLAS_CHECK(st, cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof epi));
-        L8_CUBLAS_CHECK(st, cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias));
-    }
-    L8_CUBLAS_CHECK(st, cublasLtMatrixLayoutCreate(&la, ab, (uint64_t)K, (uint64_t)M, K));
-    L8_CUBLAS_CHECK(st, cublasLtMatrixLayoutCreate(&lb, ab, (uint64_t)K, (uint64_t)N, K));
-    L8_CUBLAS_CHECK(st, cublasLtMatrixLayoutCreate(&ld, dt, (uint64_t)M, (uint64_t)N, M));
-
-    lock.lock();
     {
-        dev_state &ds = ctx->devs[device];
-        auto it = ctx->algos.find(key);
-        if (it != ctx->algos.end()) {
-            algo = it->second;
-        } else {
-            cublasLtMatmulHeuristicResult_t res = {};
-            int nres = 0;
-            const uint64_t wsb = LT_WORKSPACE;
-            const uint32_t a32 = (uint32_t)aa, b32 = (uint32_t)ab_, d32 = (uint32_t)ad;
-            L8_CUBLAS_CHECK(st, cublasLtMatmulPreferenceCreate(&pref));
-            L8_CUBLAS_CHECK(st, cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                                                                     &wsb, sizeof wsb));
-            L8_CUBLAS_CHECK(st, cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
-                                                                     &a32, sizeof a32));
-            L8_CUBLAS_CHECK(st, cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
-                                                                     &b32, sizeof b32));
-            L8_CUBLAS_CHECK(st, cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
-                                                                     &d32, sizeof d32));
-            L8_CUBLAS_CHECK(st, cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
-                                                                     &d32, sizeof d32));
-            cublasStatus_t hs = cublasLtMatmulAlgoGetHeuristic(ds.lt, op, la, lb, ld, ld, pref, 1, &res, &nres);
-            if (hs == CUBLAS_STATUS_NOT_SUPPORTED || (hs == CUBLAS_STATUS_SUCCESS && nres == 0)) {
-                l8_fail(st, L8_ERR_RUNTIME,
-                        "cuBLASLt has no %s algorithm for (m, n, k) = (%lld, %lld, %lld) on this GPU",
-                        i8 ? "int8" : "fp16", (long long)N, (long long)M, (long long)K);
-                goto fail;
+        /* Held through cublasLtMatmul: the plan's descriptor is shared and the bias pointer
+         * is set on it for this call. Enqueueing is host work of a few microseconds. */
+        std::lock_guard<std::mutex> lock(ctx->mu);
+        auto it = ctx->plans.find(key);
+        if (it == ctx->plans.end()) {
+            if (ctx->plans.size() >= MAX_PLANS) { /* every plan is used under the lock only */
+                for (auto &kv : ctx->plans) destroy_plan(kv.second);
+                ctx->plans.clear();
             }
-            L8_CUBLAS_CHECK(st, hs);
-            algo = res.algo;
-            ctx->algos.emplace(key, algo);
+            lt_plan p;
+            if (make_plan(ctx->devs[device].lt, i8, M, N, K, bias, aa, ab_, ad, &p, st) < 0) return -1;
+            try {
+                it = ctx->plans.emplace(key, p).first;
+            } catch (...) {
+                destroy_plan(p);
+                throw;
+            }
         }
-        /* One workspace per device: every call waits for the last user's matmul (on the
-         * device, not the host). Always, not only when the stream handle differs: a handle
-         * such as cudaStreamPerThread names a different stream in every thread, and the
-         * wait costs nothing when the last user was this same stream. */
-        if (ds.ws_used) L8_CUDA_CHECK(st, cudaStreamWaitEvent(s, ds.ws_done, 0));
-        L8_CUBLAS_CHECK(st, cublasLtMatmul(ds.lt, op, i8 ? (const void *)&ialpha : (const void *)&falpha, A, la, B, lb,
-                                           i8 ? (const void *)&ibeta : (const void *)&fbeta, D, ld, D, ld, &algo,
-                                           ds.ws, LT_WORKSPACE, s));
-        L8_CUDA_CHECK(st, cudaEventRecord(ds.ws_done, s));
-        ds.ws_used = true;
+        lt_plan &p = it->second;
+        if (!p.supported) return 1;
+        wsb = p.ws;
+        if (wsb > 0 && l8_cuda_alloc(&ws, wsb, s, st) < 0) return -1;
+        if (bias)
+            L8_CUBLAS_CHECK(st, cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias,
+                                                               sizeof bias));
+        cs = cublasLtMatmul(ctx->devs[device].lt, p.op, i8 ? (const void *)&ialpha : (const void *)&falpha, A, p.la,
+                            B, p.lb, i8 ? (const void *)&ibeta : (const void *)&fbeta, D, p.ld, D, p.ld, &p.algo, ws,
+                            wsb, s);
+        if (cs == CUBLAS_STATUS_NOT_SUPPORTED) p.supported = false; /* do not try this shape again */
     }
-    rc = 0;
+    l8_cuda_free(ws, s); /* stream-ordered: after the matmul */
+    ws = nullptr;
+    if (cs == CUBLAS_STATUS_NOT_SUPPORTED) {
+        (void)cudaGetLastError();
+        return 1;
+    }
+    L8_CUBLAS_CHECK(st, cs);
+    return 0;
 fail:
-    if (lock.owns_lock()) lock.unlock();
-    if (pref) cublasLtMatmulPreferenceDestroy(pref);
-    if (ld) cublasLtMatrixLayoutDestroy(ld);
-    if (lb) cublasLtMatrixLayoutDestroy(lb);
-    if (la) cublasLtMatrixLayoutDestroy(la);
-    if (op) cublasLtMatmulDescDestroy(op);
-    return rc;
+    l8_cuda_free(ws, s);
+    return -1;
+}
+
+int lt_matmul(l8_cuda_ctx *ctx, int device, int kind, const void *A, const void *B, void *D, int64_t M, int64_t N,
+              int64_t K, const void *bias, cudaStream_t s, l8_status *st) {
+    return no_throw(st, [&] { return lt_matmul_throwing(ctx, device, kind, A, B, D, M, N, K, bias, s, st); });
+}
+
+/* ------------------------------------------------------------------ tiled int8 GEMM */
+
+/* The fallback when cuBLASLt has no int8 algorithm: C (m, ldc) int32 = A (m, kp) int8 @
+ * W (np, kp)^T for the np columns, 64 x 64 output tiles, 64 bytes of k per step through
+ * shared memory, dp4a. Exact in int32 like every other path (the sums are the same
+ * integers). Rows of A and W are read as int32 words: kp % 4 == 0 and 4-byte aligned rows. */
+constexpr int TL_M = 64, TL_N = 64, TL_KW = 16, TL_THREADS = 256;
+static_assert(TL_THREADS == 256 && TL_M == 64 && TL_N == 64, "each thread owns a 4 x 4 block of the tile");
+
+__global__ void __launch_bounds__(TL_THREADS)
+tiled_s8_kernel(const int8_t *__restrict__ A, const int8_t *__restrict__ W, int64_t m, int64_t np, int64_t kp,
+                int32_t *__restrict__ C, int64_t ldc) {
+    __shared__ int As[TL_M][TL_KW + 1]; /* +1: conflict-free column reads */
+    __shared__ int Ws[TL_N][TL_KW + 1];
+    const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+    const int64_t i0 = (int64_t)blockIdx.x * TL_M, j0 = (int64_t)blockIdx.y * TL_N;
+    const int64_t kw = kp / 4;
+    const int *Aw = reinterpret_cast<const int *>(A), *Ww = reinterpret_cast<const int *>(W);
+    int acc[4][4] = {};
+    for (int64_t w0 = 0; w0 < kw; w0 += TL_KW) {
+        for (int e = tid; e < TL_M * TL_KW; e += TL_THREADS) {
+            const int r = e / TL_KW, c = e % TL_KW;
+            const int64_t w = w0 + c, i = i0 + r, j = j0 + r;
+            As[r][c] = i < m && w < kw ? Aw[i * kw + w] : 0;
+            Ws[r][c] = j < np && w < kw ? Ww[j * kw + w] : 0;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int c = 0; c < TL_KW; c++) {
+            int a[4], b[4];
+#pragma unroll
+            for (int r = 0; r < 4; r++) a[r] = As[ty + 16 * r][c];
+#pragma unroll
+            for (int q = 0; q < 4; q++) b[q] = Ws[tx + 16 * q][c];
+#pragma unroll
+            for (int r = 0; r < 4; r++)
+#pragma unroll
+                for (int q = 0; q < 4; q++) acc[r][q] = __dp4a(a[r], b[q], acc[r][q]);
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int r = 0; r < 4; r++) {
+        const int64_t i = i0 + ty + 16 * r;
+        if (i >= m) break;
+#pragma unroll
+        for (int q = 0; q < 4; q++) {
+            const int64_t j = j0 + tx + 16 * q;
+            if (j < np) C[i * ldc + j] = acc[r][q];
+        }
+    }
+}
+
+cudaError_t tiled_s8(const int8_t *A, const int8_t *W, int64_t m, int64_t np, int64_t kp, int32_t *C, int64_t ldc,
+                     cudaStream_t s) {
+    if (m == 0 || np == 0) return cudaSuccess;
+    const int64_t gx = (m + TL_M - 1) / TL_M, gy = (np + TL_N - 1) / TL_N;
+    if (kp % 4 != 0 || ldc < np || gx > 0x7fffffff || gy > 65535 || ((uintptr_t)A | (uintptr_t)W) % 4 != 0)
+        return cudaErrorInvalidValue;
+    tiled_s8_kernel<<<dim3((unsigned)gx, (unsigned)gy), TL_THREADS, 0, s>>>(A, W, m, np, kp, C, ldc);
+    return cudaGetLastError();
 }
 
 } // namespace
 
 int l8_lt_int8_gemm(l8_cuda_ctx *ctx, int device, const int8_t *A, const int8_t *W, int32_t *C, int64_t m,
                     int64_t np, int64_t kp, cudaStream_t s, l8_status *st) {
-    return lt_matmul(ctx, device, LT_INT8, W, A, C, np, m, kp, nullptr, s, st);
+    const int r = lt_matmul(ctx, device, LT_INT8, W, A, C, np, m, kp, nullptr, s, st);
+    if (r <= 0) return r;
+    /* no cuBLASLt algorithm for this shape on this GPU: the tiled kernel, same integers */
+    L8_CUDA_CHECK(st, tiled_s8(A, W, m, np, kp, C, np, s));
+    return 0;
+fail:
+    return -1;
 }
 
 /* ================================================================== epilogue helpers */
@@ -476,6 +650,7 @@ dequant_kernel(const int32_t *__restrict__ C, int64_t ldc, int64_t m, int64_t n,
 /* ------------------------------------------------------------------ GEMV */
 
 constexpr int GV_WARPS = 4, GV_COLS = 4; /* a block covers 16 = L8_CUDA_PAD output columns */
+constexpr int GV_OUT = 8;                 /* outlier entries gathered at once in the epilogue */
 static_assert(GV_WARPS * GV_COLS == L8_CUDA_PAD, "the grid covers the padded rows exactly");
 
 template <int MT>
@@ -525,7 +700,20 @@ gemv_kernel(const int8_t *__restrict__ A, const int8_t *__restrict__ W, int64_t 
     }
     float osum = 0.0f;
     const int total = O.counts ? O.counts[0] : 0;
-    for (int o = 0; o < total; o++) osum = __fadd_rn(osum, __fmul_rn(outlier_x(O, i, o), outlier_w(O, o, j, n)));
+    int o = 0;
+    /* the loads of GV_OUT entries first (independent gathers, in flight together), then
+     * their products added in ascending o: the CPU's summation order */
+    for (; o + GV_OUT <= total; o += GV_OUT) {
+        float xv[GV_OUT], wv[GV_OUT];
+#pragma unroll
+        for (int u = 0; u < GV_OUT; u++) {
+            xv[u] = outlier_x(O, i, o + u);
+            wv[u] = outlier_w(O, o + u, j, n);
+        }
+#pragma unroll
+        for (int u = 0; u < GV_OUT; u++) osum = __fadd_rn(osum, __fmul_rn(xv[u], wv[u]));
+    }
+    for (; o < total; o++) osum = __fadd_rn(osum, __fmul_rn(outlier_x(O, i, o), outlier_w(O, o, j, n)));
     const float v = finish(mine, sx[i], sw[j], osum, bias, j);
     if (y_f16)
         static_cast<__half *>(y)[i * n + j] = __float2half_rn(v);
@@ -582,6 +770,8 @@ extern "C" int l8_cuda_int8_matmul(l8_cuda_ctx *ctx, int device, const int8_t *A
     int32_t *Cp = nullptr;
     int prev = -1, rc = -1;
     l8_outlier_ops none = {};
+    if (path < 0 || path > 3)
+        return l8_fail(st, L8_ERR_VALUE, "path must be 0 (auto), 1 (GEMV), 2 (cuBLASLt) or 3 (tiled), got %d", path);
     if (path == 1 && m > L8_CUDA_GEMV_MAX_M)
         return l8_fail(st, L8_ERR_VALUE, "the GEMV path takes m <= %d rows, got %lld", L8_CUDA_GEMV_MAX_M,
                        (long long)m);
@@ -602,6 +792,8 @@ extern "C" int l8_cuda_int8_matmul(l8_cuda_ctx *ctx, int device, const int8_t *A
     if (path == 1 || (path == 0 && m <= L8_CUDA_GEMV_MAX_M)) {
         L8_CUDA_CHECK(st, l8_gemv_s8_cuda(Ap, Bp, m, np, kp, n, nullptr, nullptr, nullptr, &none, nullptr, L8_F32, Cp,
                                           np, s));
+    } else if (path == 3) {
+        L8_CUDA_CHECK(st, tiled_s8(Ap, Bp, mpad, np, kp, Cp, np, s));
     } else if (l8_lt_int8_gemm(ctx, device, Ap, Bp, Cp, mpad, np, kp, s, st) < 0) {
         goto fail;
     }
@@ -621,7 +813,18 @@ extern "C" int l8_cuda_fp16_linear(l8_cuda_ctx *ctx, int device, const void *x, 
     int prev = -1, rc;
     if (m == 0) return 0;
     if (l8_cuda_ctx_device(ctx, device, st) < 0 || l8_cuda_push_device(device, &prev, st) < 0) return -1;
-    rc = lt_matmul(ctx, device, LT_FP16, w, x, y, n, m, k, bias, s, st);
+    {
+        const bool split = bias && k > 0 && alignment(bias, 0) < LT_BIAS_ALIGN;
+        rc = lt_matmul(ctx, device, LT_FP16, w, x, y, n, m, k, split ? nullptr : bias, s, st);
+        if (rc > 0) /* the baseline has no fallback */
+            rc = l8_fail(st, L8_ERR_RUNTIME,
+                         "cuBLASLt has no fp16 algorithm for (m, n, k) = (%lld, %lld, %lld) on this GPU", (long long)m,
+                         (long long)n, (long long)k);
+        if (rc == 0 && split) {
+            const cudaError_t e = add_columns(static_cast<__half *>(y), static_cast<const __half *>(bias), n, m, s);
+            if (e != cudaSuccess) rc = l8_cuda_fail(st, e, "add_columns(y, bias)", __FILE__, __LINE__);
+        }
+    }
     l8_cuda_pop_device(prev);
     return rc;
 }

@@ -51,10 +51,12 @@ cudaError_t l8_gemv_s8_cuda(const int8_t *A, const int8_t *W, int64_t m, int64_t
                             l8_dtype yt, int32_t *raw, int64_t ldr, cudaStream_t s);
 
 /* C (m, np) int32 = A (m, kp) int8 @ W (np, kp)^T through cuBLASLt (TN, int32 compute),
- * algorithm from the heuristic, cached per shape in ctx, workspace from ctx. The device
- * must be current and ready (l8_cuda_ctx_device). The callers pass m rounded up to a
- * multiple of 32 (buffers A and C sized for it): the int8 heuristic may find no algorithm
- * for a few rows; the padding rows' results are never read. */
+ * descriptors and algorithm cached per shape in ctx, workspace from the stream-ordered
+ * pool on s. When cuBLASLt has no algorithm for the shape, the tiled dp4a kernel computes
+ * the same integers. The device must be current and ready (l8_cuda_ctx_device). The
+ * callers pass m rounded up to a multiple of 32 (buffers A and C sized for it, the
+ * padding rows of A zeroed): the int8 heuristic may find no algorithm for a few rows;
+ * the padding rows' results are never read. */
 int l8_lt_int8_gemm(l8_cuda_ctx *ctx, int device, const int8_t *A, const int8_t *W, int32_t *C, int64_t m,
                     int64_t np, int64_t kp, cudaStream_t s, l8_status *st);
 

@@ -3,16 +3,29 @@
  *
  * Forward, for x (m, in) on the device, all on one stream, no host synchronization:
  *   1. l8_quantize_x_cuda: int8 x with provisional row scales, dynamic outlier flags;
- *   2. (outliers) l8_outliers_compact_cuda / l8_outliers_fix_cuda /
- *      l8_dynamic_weights_cuda: the sorted outlier list, exact scales, the compact fp16
- *      outlier activations and the dequantized weight columns of dynamic outliers;
+ *   2. (outliers) l8_outliers_compact_cuda / l8_outliers_fix_cuda: the sorted outlier
+ *      list, exact scales, the compact fp16 outlier activations and (same launch) the
+ *      dequantized weight columns of dynamic outliers;
  *   3. the cuBLASLt int8 GEMM and one l8_dequant_cuda pass over its int32 result, in row
  *      chunks whose int32 product stays under I32_CHUNK_BYTES (256 MiB).
  * For m <= L8_CUDA_GEMV_MAX_M (decoding) steps 1-2 run as one single-block launch
  * (l8_quantize_small_m_cuda) and 3 is the GEMV kernel with the epilogue fused: two
  * launches per forward.
+ * Launches for m > L8_CUDA_GEMV_MAX_M: with a threshold, memset (dflag), quantize,
+ * compact, fix, then GEMM + dequant per row chunk; without a threshold but with known
+ * outlier columns: no memset; with neither: quantize, GEMM, dequant.
  * Temporaries come from the device's memory pool in one stream-ordered allocation per
- * call. The layer's weights are plain cudaMalloc memory, padded (gemm_cuda.h).
+ * call (the GEMM's workspace in another, only when its algorithm needs one). The layer's
+ * weights are plain cudaMalloc memory, padded (gemm_cuda.h).
+ *
+ * Graph capture: a forward queues only kernels, memsets, cuBLASLt calls and
+ * stream-ordered allocations on its stream; no host synchronization, event or
+ * synchronous allocation, so it can be captured in a CUDA graph.
+ *
+ * Non-finite x on the device is not checked (it would take a host synchronization); the
+ * result is defined in cuda_common.h (l8_cuda_linear_forward): NaN / Inf stay in the
+ * rows that hold them, never a crash. forward_host (x in host memory) checks and raises,
+ * as the CPU backend does.
  *
  * Build: setup.py compiles every .cu file in csrc with nvcc (python setup.py build_ext --inplace).
  * Check: pytest tests/test_cuda.py (CUDA against the CPU backend). Time: benchmarks/bench_linear.py.
@@ -43,10 +56,10 @@ constexpr int DYN_CAP = 256;
 constexpr int64_t I32_CHUNK_BYTES = 256ll << 20;
 
 /* The token rows handed to the cuBLASLt int8 GEMM: padded to a multiple of 32, since its
- * IMMA heuristic may find no algorithm (or NOT_SUPPORTED) for a few rows. The padding
- * rows of xq are allocated but never written (int8: any bits are a valid value), their
- * int32 results land in the padding rows of C, and l8_dequant_cuda reads only the real
- * rows: nothing reads them, so nothing zeroes them. */
+ * IMMA heuristic may find no algorithm (or NOT_SUPPORTED) for a few rows. The quantize
+ * kernel zeroes the padding rows of xq (the GEMM reads them; uninitialized reads would be
+ * harmless for the result, but every prefill would trip compute-sanitizer initcheck);
+ * their int32 results land in the padding rows of C, which l8_dequant_cuda never reads. */
 int64_t gemm_rows(int64_t rows) { return (rows + 31) & ~(int64_t)31; }
 
 /* Rows per chunk: equal chunks, a multiple of 128 rows (whole GEMM tiles). */
@@ -288,15 +301,16 @@ extern "C" int l8_cuda_linear_forward(const l8_layer *L, const void *x, l8_dtype
                                                        sx, s));
             L8_CUDA_CHECK(st, l8_gemv_s8_cuda(xq, c->wq, m, np, kp, n, sx, c->wscale, c->bias, &ops, y, yt, nullptr, 0, s));
         } else {
-            if (any) L8_CUDA_CHECK(st, cudaMemsetAsync(ol.counts, 0, (size_t)(2 + k) * 4, s));
-            L8_CUDA_CHECK(st, l8_quantize_x_cuda(x, xt, m, k, kp, L->threshold, c->kflag, ol.dflag, xq, sx, rcol, s));
+            /* dflag must be 0 before pass 1 marks it; counts are written by the compaction */
+            if (dyn) L8_CUDA_CHECK(st, cudaMemsetAsync(ol.dflag, 0, (size_t)k * 4, s));
+            L8_CUDA_CHECK(st, l8_quantize_x_cuda(x, xt, m, k, kp, gemm_rows(m), L->threshold, c->kflag, ol.dflag, xq,
+                                                 sx, rcol, s));
             if (any) {
                 L8_CUDA_CHECK(st, l8_outliers_compact_cuda(c->kflag, c->known_pos, k, &ol, s));
                 L8_CUDA_CHECK(st, l8_outliers_fix_cuda(x, xt, m, k, kp, L->threshold, c->kflag, &ol, xq, sx, rcol,
-                                                       (__half *)(buf + o_xo), ldo, s));
+                                                       (__half *)(buf + o_xo), ldo, c->wq, kp, c->wscale, n, dcap,
+                                                       (__half *)(buf + o_wd), s));
             }
-            if (dyn)
-                L8_CUDA_CHECK(st, l8_dynamic_weights_cuda(c->wq, kp, c->wscale, n, &ol, dcap, (__half *)(buf + o_wd), s));
             int32_t *C = (int32_t *)(buf + o_c);
             const size_t ys = l8_dtype_size(yt);
             for (int64_t r0 = 0; r0 < m; r0 += mc) {

@@ -40,13 +40,22 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include <algorithm>
+
 #include "quantize_cuda.h"
 
 namespace {
 
 constexpr int QBLOCK = 256;   /* threads per row block */
 constexpr int CBLOCK = 1024;  /* threads of the compaction block */
-static_assert(QBLOCK % 32 == 0 && CBLOCK % 32 == 0 && CBLOCK / 32 <= 32, "block scans assume whole warps");
+/* Threads per row block of pass 2: most rows only zero a few columns and gather a few
+ * values (a chain of dependent loads), so small blocks let 32 rows share an SM; the rows
+ * that are re-quantized read their row with these threads (any block size gives the same
+ * bits: the max is order-independent). */
+constexpr int FBLOCK = 64;
+static_assert(QBLOCK % 32 == 0 && CBLOCK % 32 == 0 && FBLOCK % 32 == 0 && CBLOCK / 32 <= 32 && FBLOCK <= QBLOCK,
+              "block scans assume whole warps");
+static_assert(CBLOCK / 32 >= L8_CUDA_SMALL_M, "small_m_kernel gives every row at least one warp");
 
 template <typename T> __device__ __forceinline__ float to_f(T v);
 template <> __device__ __forceinline__ float to_f<float>(float v) { return v; }
@@ -77,20 +86,34 @@ __device__ __forceinline__ int8_t quant(float v, float s, float inv) {
     return (int8_t)(q > 127 ? 127 : q < -127 ? -127 : q);
 }
 
-/* Block-wide max of a packed (|x| bits << 32 | column) key. |x| >= 0, so its float bits
- * order like the values; ties go to the larger column, which is as good as any. */
-__device__ unsigned long long block_max(unsigned long long v) {
+/* The threads working on one row: the whole block, or (small_m_kernel) a group of
+ * consecutive whole warps, warps [g0, g0 + gw) of the block. */
+struct row_group {
+    int tid;  /* thread index within the group */
+    int nthr; /* threads in the group, gw * 32 */
+    int g0, gw;
+};
+
+__device__ __forceinline__ row_group whole_block() {
+    return row_group{(int)threadIdx.x, (int)blockDim.x, 0, (int)blockDim.x / 32};
+}
+
+/* Max over a row group of a packed (|x| bits << 32 | column) key. |x| >= 0, so its float
+ * bits order like the values (and any NaN's bits above +Inf's); ties go to the larger
+ * column, which is as good as any. Every thread of the BLOCK must call it at the same
+ * point (it has block barriers); each group gets its own maximum. */
+__device__ unsigned long long group_max(unsigned long long v, const row_group &g) {
     __shared__ unsigned long long red[32];
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) {
         unsigned long long o = __shfl_xor_sync(0xffffffffu, v, off);
         v = o > v ? o : v;
     }
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nw = blockDim.x / 32;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     __syncthreads(); /* red may still be read by a previous call */
     if (lane == 0) red[warp] = v;
     __syncthreads();
-    v = lane < nw ? red[lane] : 0ull;
+    v = lane < g.gw ? red[g.g0 + lane] : 0ull;
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) {
         unsigned long long o = __shfl_xor_sync(0xffffffffu, v, off);
@@ -99,13 +122,20 @@ __device__ unsigned long long block_max(unsigned long long v) {
     return v;
 }
 
-/* Quantize one row with the whole block. REQUANT = false: pass 1 (exclude known columns
- * and this row's elements >= threshold, marking those columns in dflag). REQUANT = true:
- * exact re-quantization with every flagged column excluded. */
+/* Quantize one row with a row group (group_max's rule: every thread of the block calls
+ * this once, at the same point). REQUANT = false: pass 1 (exclude known columns and this
+ * row's elements >= threshold, marking those columns in dflag). REQUANT = true: exact
+ * re-quantization with every flagged column excluded.
+ * Non-finite x (not checked; cuda_common.h): a NaN is never excluded and its key is
+ * above every other, so the row's scale is NaN, every q is 0 (the comparison s > 0 fails,
+ * inv = 0, and NaN * 0 converts to 0) and the epilogue's 0 * NaN makes the whole output
+ * row NaN. An Inf at or above the threshold is a dynamic outlier like any large value;
+ * below it (threshold 0) it becomes the scale, inv = 127 / Inf = 0, every q is 0 and the
+ * outputs 0 * Inf = NaN. */
 template <typename T, int VEC, bool REQUANT>
 __device__ void quantize_row(const T *__restrict__ xr, int64_t k, int64_t kp, float thr,
                              const uint8_t *__restrict__ kflag, unsigned *dflag, int8_t *__restrict__ qr,
-                             float *sx_out, int *rcol_out) {
+                             float *sx_out, int *rcol_out, const row_group &g) {
     const bool dyn = thr > 0.0f;
     auto excluded = [&](int64_t j, float a) -> bool {
         if (kflag && kflag[j]) return true;
@@ -114,7 +144,7 @@ __device__ void quantize_row(const T *__restrict__ xr, int64_t k, int64_t kp, fl
     };
     unsigned long long best = 0ull;
     const int64_t nv = k / VEC;
-    for (int64_t c = threadIdx.x; c < nv; c += blockDim.x) {
+    for (int64_t c = g.tid; c < nv; c += g.nthr) {
         float v[VEC];
         load_vec<T, VEC>(xr + c * VEC, v);
 #pragma unroll
@@ -130,15 +160,15 @@ __device__ void quantize_row(const T *__restrict__ xr, int64_t k, int64_t kp, fl
             best = key > best ? key : best;
         }
     }
-    best = block_max(best);
+    best = group_max(best, g);
     const float s = __uint_as_float((unsigned)(best >> 32));
     const float inv = s > 0.0f ? __fdiv_rn(127.0f, s) : 0.0f;
-    if (threadIdx.x == 0) {
+    if (g.tid == 0) {
         *sx_out = s;
         if (rcol_out) *rcol_out = s > 0.0f ? (int)(unsigned)(best & 0xffffffffull) : -1;
     }
     /* second read of the row: it was just loaded by this block, so it comes from L1/L2 */
-    for (int64_t c = threadIdx.x; c < nv; c += blockDim.x) {
+    for (int64_t c = g.tid; c < nv; c += g.nthr) {
         float v[VEC];
         load_vec<T, VEC>(xr + c * VEC, v);
         int8_t q[VEC];
@@ -154,15 +184,20 @@ __device__ void quantize_row(const T *__restrict__ xr, int64_t k, int64_t kp, fl
         else
             qr[c] = q[0];
     }
-    for (int64_t j = k + threadIdx.x; j < kp; j += blockDim.x) qr[j] = 0; /* padding */
+    for (int64_t j = k + g.tid; j < kp; j += g.nthr) qr[j] = 0; /* padding */
 }
 
+/* One block per row i < m (= gridDim.x); block i also zeroes the padding rows m + i,
+ * m + i + m, ... below mpad that the int8 GEMM reads. */
 template <typename T, int VEC>
 __global__ void __launch_bounds__(QBLOCK)
-quantize_x_kernel(const T *__restrict__ x, int64_t k, int64_t kp, float thr, const uint8_t *__restrict__ kflag,
-                  unsigned *dflag, int8_t *__restrict__ xq, float *__restrict__ sx, int *__restrict__ rcol) {
-    const int64_t i = blockIdx.x;
-    quantize_row<T, VEC, false>(x + i * k, k, kp, thr, kflag, dflag, xq + i * kp, sx + i, rcol + i);
+quantize_x_kernel(const T *__restrict__ x, int64_t k, int64_t kp, int64_t mpad, float thr,
+                  const uint8_t *__restrict__ kflag, unsigned *dflag, int8_t *__restrict__ xq, float *__restrict__ sx,
+                  int *__restrict__ rcol) {
+    const int64_t i = blockIdx.x, m = gridDim.x;
+    quantize_row<T, VEC, false>(x + i * k, k, kp, thr, kflag, dflag, xq + i * kp, sx + i, rcol + i, whole_block());
+    for (int64_t r = m + i; r < mpad; r += m)
+        for (int64_t j = threadIdx.x; j < kp; j += blockDim.x) xq[r * kp + j] = 0;
 }
 
 /* The outlier list in ascending column order: an exclusive block scan of two flags at
@@ -215,7 +250,7 @@ __device__ void fix_row(const T *__restrict__ x, int64_t i, int64_t k, int64_t k
     int8_t *qr = xq + i * kp;
     const int total = counts[0], ndyn = counts[1];
     if (thr > 0.0f && rc >= 0 && dflag[rc] != 0u) {
-        quantize_row<T, VEC, true>(xr, k, kp, thr, kflag, dflag, qr, sx + i, nullptr);
+        quantize_row<T, VEC, true>(xr, k, kp, thr, kflag, dflag, qr, sx + i, nullptr, whole_block());
     } else if (ndyn > 0) {
         for (int o = threadIdx.x; o < total; o += blockDim.x) {
             const int col = ocol[o];
@@ -226,20 +261,47 @@ __device__ void fix_row(const T *__restrict__ x, int64_t i, int64_t k, int64_t k
     for (int o = threadIdx.x; o < nx; o += blockDim.x) xo[i * ldo + o] = __float2half_rn(to_f(xr[ocol[o]]));
 }
 
+/* The dequantized weight columns of the dynamic outliers (l8_outliers_fix_cuda): part b of
+ * nb (a grid-stride loop over (slot, j) with the part's threads). */
+__device__ void dynamic_weights_part(const int8_t *__restrict__ wq, int64_t ldw, const float *__restrict__ wscale,
+                                     int64_t n, const int *__restrict__ counts, const int *__restrict__ dcol, int dcap,
+                                     __half *__restrict__ wd, int64_t b, int64_t nb) {
+    const int nd = counts[1] < dcap ? counts[1] : dcap;
+    const int64_t total = (int64_t)nd * n, stride = nb * blockDim.x;
+    for (int64_t e = b * blockDim.x + threadIdx.x; e < total; e += stride) {
+        const int64_t d = e / n, j = e % n, col = dcol[d];
+        wd[e] = __float2half_rn(__fmul_rn((float)wq[j * ldw + col], __fdiv_rn(wscale[j], 127.0f)));
+    }
+}
+
+/* Blocks [0, m): pass 2 for row blockIdx.x. Blocks [m, m + nwb): the dynamic weights. */
 template <typename T, int VEC>
 __global__ void __launch_bounds__(QBLOCK)
-fix_kernel(const T *__restrict__ x, int64_t k, int64_t kp, float thr, const uint8_t *__restrict__ kflag,
-           unsigned *dflag, const int *__restrict__ counts, const int *__restrict__ ocol, int8_t *__restrict__ xq,
-           float *__restrict__ sx, const int *__restrict__ rcol, __half *__restrict__ xo, int64_t ldo) {
-    fix_row<T, VEC>(x, blockIdx.x, k, kp, thr, kflag, dflag, counts, ocol, xq, sx, rcol[blockIdx.x], xo, ldo);
+fix_kernel(const T *__restrict__ x, int64_t m, int64_t k, int64_t kp, float thr, const uint8_t *__restrict__ kflag,
+           unsigned *dflag, const int *__restrict__ counts, const int *__restrict__ ocol,
+           const int *__restrict__ dcol, int8_t *__restrict__ xq, float *__restrict__ sx,
+           const int *__restrict__ rcol, __half *__restrict__ xo, int64_t ldo, const int8_t *__restrict__ wq,
+           int64_t ldw, const float *__restrict__ wscale, int64_t n, int dcap, __half *__restrict__ wd, int64_t nwb) {
+    const int64_t b = blockIdx.x;
+    if (b >= m) { /* uniform per block; no barrier below */
+        dynamic_weights_part(wq, ldw, wscale, n, counts, dcol, dcap, wd, b - m, nwb);
+        return;
+    }
+    fix_row<T, VEC>(x, b, k, kp, thr, kflag, dflag, counts, ocol, xq, sx, rcol[b], xo, ldo);
 }
 
 /* m <= L8_CUDA_SMALL_M rows in one block: pass 1, compaction and pass 2 in one launch,
  * separated by block barriers instead of kernel boundaries (a decode step's activations
  * are a few KB, so one SM reads them in about a microsecond; the launches it saves cost
- * more). No compact fp16 copies: the GEMV epilogue gathers outlier values itself. */
+ * more). No compact fp16 copies: the GEMV epilogue gathers outlier values itself.
+ * Pass 1 runs the rows in parallel: the block is m groups of gw = blockDim.x / 32 / m
+ * whole warps (the launcher makes blockDim.x = m * gw * 32), one group per row; each
+ * group's maximum is its own (group_max), so the result is the one-row-at-a-time one.
+ * Pass 2 takes the rows one after another with the whole block (a re-quantization has
+ * block barriers and is needed by some rows only). __launch_bounds__(CBLOCK, 1): with the
+ * register budget of one block per SM, nothing spills. */
 template <typename T, int VEC>
-__global__ void __launch_bounds__(CBLOCK)
+__global__ void __launch_bounds__(CBLOCK, 1)
 small_m_kernel(const T *__restrict__ x, int m, int64_t k, int64_t kp, float thr, const uint8_t *__restrict__ kflag,
                const int32_t *__restrict__ known_pos, unsigned *dflag, int *ocol, int *osrc, int *dcol, int *counts,
                int8_t *__restrict__ xq, float *__restrict__ sx) {
@@ -248,8 +310,12 @@ small_m_kernel(const T *__restrict__ x, int m, int64_t k, int64_t kp, float thr,
     if (dflag)
         for (int64_t j = threadIdx.x; j < k; j += blockDim.x) dflag[j] = 0u;
     __syncthreads(); /* orders the block's global writes for the block: no memset needed */
-    for (int i = 0; i < m; i++)
-        quantize_row<T, VEC, false>(x + i * k, k, kp, thr, kflag, dflag, xq + i * kp, sx + i, rcol + i);
+    {
+        const int gw = (int)(blockDim.x / 32) / m, i = (int)(threadIdx.x / 32) / gw; /* i < m by the launch */
+        const row_group g{(int)threadIdx.x - i * gw * 32, gw * 32, i * gw, gw};
+        quantize_row<T, VEC, false>(x + (int64_t)i * k, k, kp, thr, kflag, dflag, xq + (int64_t)i * kp, sx + i,
+                                    rcol + i, g);
+    }
     if (!any) return;
     __syncthreads();
     compact_block(kflag, known_pos, dflag, k, ocol, osrc, dcol, counts);
@@ -258,18 +324,6 @@ small_m_kernel(const T *__restrict__ x, int m, int64_t k, int64_t kp, float thr,
         const int rc = rcol[i];
         fix_row<T, VEC>(x, i, k, kp, thr, kflag, dflag, counts, ocol, xq, sx, rc, nullptr, 0);
         __syncthreads(); /* fix_row may run a block reduction: keep the rows in lockstep */
-    }
-}
-
-__global__ void dynamic_weights_kernel(const int8_t *__restrict__ wq, int64_t ldw, const float *__restrict__ wscale,
-                                       int64_t n, const int *__restrict__ counts, const int *__restrict__ dcol,
-                                       int dcap, __half *__restrict__ wd) {
-    const int nd = counts[1] < dcap ? counts[1] : dcap;
-    for (int d = blockIdx.y; d < nd; d += gridDim.y) {
-        const int64_t col = dcol[d];
-        for (int64_t j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; j < n; j += (int64_t)gridDim.x * blockDim.x)
-            wd[(int64_t)d * n + j] =
-                __float2half_rn(__fmul_rn((float)wq[j * ldw + col], __fdiv_rn(wscale[j], 127.0f)));
     }
 }
 
@@ -289,23 +343,28 @@ int qthreads(int64_t k, int vec) {
 
 /* ------------------------------------------------------------------ launchers */
 
-cudaError_t l8_quantize_x_cuda(const void *x, l8_dtype xt, int64_t m, int64_t k, int64_t kp, float threshold,
-                               const uint8_t *kflag, unsigned *dflag, int8_t *xq, float *sx, int *rcol,
+cudaError_t l8_quantize_x_cuda(const void *x, l8_dtype xt, int64_t m, int64_t k, int64_t kp, int64_t mpad,
+                               float threshold, const uint8_t *kflag, unsigned *dflag, int8_t *xq, float *sx, int *rcol,
                                cudaStream_t s) {
     if (m == 0) return cudaSuccess;
+    if (m > 0x7fffffff) return cudaErrorInvalidValue;
     const dim3 grid((unsigned)m);
     if (xt == L8_F16) {
         const __half *xh = static_cast<const __half *>(x);
         if (vec_ok<__half>(x, k))
-            quantize_x_kernel<__half, 8><<<grid, qthreads(k, 8), 0, s>>>(xh, k, kp, threshold, kflag, dflag, xq, sx, rcol);
+            quantize_x_kernel<__half, 8><<<grid, qthreads(k, 8), 0, s>>>(xh, k, kp, mpad, threshold, kflag, dflag, xq,
+                                                                         sx, rcol);
         else
-            quantize_x_kernel<__half, 1><<<grid, qthreads(k, 1), 0, s>>>(xh, k, kp, threshold, kflag, dflag, xq, sx, rcol);
+            quantize_x_kernel<__half, 1><<<grid, qthreads(k, 1), 0, s>>>(xh, k, kp, mpad, threshold, kflag, dflag, xq,
+                                                                         sx, rcol);
     } else {
         const float *xf = static_cast<const float *>(x);
         if (vec_ok<float>(x, k))
-            quantize_x_kernel<float, 4><<<grid, qthreads(k, 4), 0, s>>>(xf, k, kp, threshold, kflag, dflag, xq, sx, rcol);
+            quantize_x_kernel<float, 4><<<grid, qthreads(k, 4), 0, s>>>(xf, k, kp, mpad, threshold, kflag, dflag, xq,
+                                                                        sx, rcol);
         else
-            quantize_x_kernel<float, 1><<<grid, qthreads(k, 1), 0, s>>>(xf, k, kp, threshold, kflag, dflag, xq, sx, rcol);
+            quantize_x_kernel<float, 1><<<grid, qthreads(k, 1), 0, s>>>(xf, k, kp, mpad, threshold, kflag, dflag, xq,
+                                                                        sx, rcol);
     }
     return cudaGetLastError();
 }
@@ -318,26 +377,33 @@ cudaError_t l8_outliers_compact_cuda(const uint8_t *kflag, const int32_t *known_
 
 cudaError_t l8_outliers_fix_cuda(const void *x, l8_dtype xt, int64_t m, int64_t k, int64_t kp, float threshold,
                                  const uint8_t *kflag, const l8_outlier_list *ol, int8_t *xq, float *sx,
-                                 const int *rcol, __half *xo, int64_t ldo, cudaStream_t s) {
+                                 const int *rcol, __half *xo, int64_t ldo, const int8_t *wq, int64_t ldw,
+                                 const float *wscale, int64_t n, int dcap, __half *wd, cudaStream_t s) {
     if (m == 0) return cudaSuccess;
-    const dim3 grid((unsigned)m);
-    if (xt == L8_F16) {
-        const __half *xh = static_cast<const __half *>(x);
-        if (vec_ok<__half>(x, k))
-            fix_kernel<__half, 8><<<grid, qthreads(k, 8), 0, s>>>(xh, k, kp, threshold, kflag, ol->dflag, ol->counts,
-                                                                  ol->ocol, xq, sx, rcol, xo, ldo);
+    const bool f16 = xt == L8_F16;
+    const int vec = f16 ? (vec_ok<__half>(x, k) ? 8 : 1) : (vec_ok<float>(x, k) ? 4 : 1);
+    const int threads = std::min(qthreads(k, vec), FBLOCK);
+    /* blocks for the dynamic weights: up to one element per thread, at most 64K threads */
+    const int64_t elems = dcap > 0 ? (int64_t)dcap * n : 0;
+    const int64_t nwb = std::min<int64_t>((elems + threads - 1) / threads, 65536 / threads);
+    if (m + nwb > 0x7fffffff) return cudaErrorInvalidValue;
+    const dim3 grid((unsigned)(m + nwb));
+#define L8_FIX_LAUNCH(T, V)                                                                                        \
+    fix_kernel<T, V><<<grid, threads, 0, s>>>(static_cast<const T *>(x), m, k, kp, threshold, kflag, ol->dflag,  \
+                                              ol->counts, ol->ocol, ol->dcol, xq, sx, rcol, xo, ldo, wq, ldw,     \
+                                              wscale, n, dcap, wd, nwb)
+    if (f16) {
+        if (vec == 8)
+            L8_FIX_LAUNCH(__half, 8);
         else
-            fix_kernel<__half, 1><<<grid, qthreads(k, 1), 0, s>>>(xh, k, kp, threshold, kflag, ol->dflag, ol->counts,
-                                                                  ol->ocol, xq, sx, rcol, xo, ldo);
+            L8_FIX_LAUNCH(__half, 1);
     } else {
-        const float *xf = static_cast<const float *>(x);
-        if (vec_ok<float>(x, k))
-            fix_kernel<float, 4><<<grid, qthreads(k, 4), 0, s>>>(xf, k, kp, threshold, kflag, ol->dflag, ol->counts,
-                                                                ol->ocol, xq, sx, rcol, xo, ldo);
+        if (vec == 4)
+            L8_FIX_LAUNCH(float, 4);
         else
-            fix_kernel<float, 1><<<grid, qthreads(k, 1), 0, s>>>(xf, k, kp, threshold, kflag, ol->dflag, ol->counts,
-                                                                ol->ocol, xq, sx, rcol, xo, ldo);
+            L8_FIX_LAUNCH(float, 1);
     }
+#undef L8_FIX_LAUNCH
     return cudaGetLastError();
 }
 
@@ -347,31 +413,22 @@ cudaError_t l8_quantize_small_m_cuda(const void *x, l8_dtype xt, int64_t m, int6
     if (m == 0) return cudaSuccess;
     if (m > L8_CUDA_SMALL_M) return cudaErrorInvalidValue;
     const int mi = (int)m;
+    /* m groups of whole warps, as many as fit in CBLOCK threads (small_m_kernel) */
+    const int threads = (CBLOCK / 32 / mi) * mi * 32;
+#define L8_SMALL_LAUNCH(T, V)                                                                                      \
+    small_m_kernel<T, V><<<1, threads, 0, s>>>(static_cast<const T *>(x), mi, k, kp, threshold, kflag, known_pos, \
+                                               ol->dflag, ol->ocol, ol->osrc, ol->dcol, ol->counts, xq, sx)
     if (xt == L8_F16) {
-        const __half *xh = static_cast<const __half *>(x);
         if (vec_ok<__half>(x, k))
-            small_m_kernel<__half, 8><<<1, CBLOCK, 0, s>>>(xh, mi, k, kp, threshold, kflag, known_pos, ol->dflag,
-                                                           ol->ocol, ol->osrc, ol->dcol, ol->counts, xq, sx);
+            L8_SMALL_LAUNCH(__half, 8);
         else
-            small_m_kernel<__half, 1><<<1, CBLOCK, 0, s>>>(xh, mi, k, kp, threshold, kflag, known_pos, ol->dflag,
-                                                           ol->ocol, ol->osrc, ol->dcol, ol->counts, xq, sx);
+            L8_SMALL_LAUNCH(__half, 1);
     } else {
-        const float *xf = static_cast<const float *>(x);
         if (vec_ok<float>(x, k))
-            small_m_kernel<float, 4><<<1, CBLOCK, 0, s>>>(xf, mi, k, kp, threshold, kflag, known_pos, ol->dflag,
-                                                          ol->ocol, ol->osrc, ol->dcol, ol->counts, xq, sx);
+            L8_SMALL_LAUNCH(float, 4);
         else
-            small_m_kernel<float, 1><<<1, CBLOCK, 0, s>>>(xf, mi, k, kp, threshold, kflag, known_pos, ol->dflag,
-                                                          ol->ocol, ol->osrc, ol->dcol, ol->counts, xq, sx);
+            L8_SMALL_LAUNCH(float, 1);
     }
-    return cudaGetLastError();
-}
-
-cudaError_t l8_dynamic_weights_cuda(const int8_t *wq, int64_t ldw, const float *wscale, int64_t n,
-                                    const l8_outlier_list *ol, int dcap, __half *wd, cudaStream_t s) {
-    if (dcap <= 0 || n == 0) return cudaSuccess;
-    int64_t bx = (n + 255) / 256;
-    const dim3 grid((unsigned)(bx < 64 ? bx : 64), (unsigned)(dcap < 32 ? dcap : 32));
-    dynamic_weights_kernel<<<grid, 256, 0, s>>>(wq, ldw, wscale, n, ol->counts, ol->dcol, dcap, wd);
+#undef L8_SMALL_LAUNCH
     return cudaGetLastError();
 }

@@ -12,7 +12,8 @@
 
 #include "cuda_common.h"
 
-/* Per-call outlier bookkeeping on the device, one int32 buffer cleared by one memset:
+/* Per-call outlier bookkeeping on the device (dflag cleared by one memset before pass 1
+ * when there is a threshold; counts are written by the compaction):
  *   counts[0]  number of outlier columns (known U dynamic), counts[1] dynamic ones
  *   dflag[k]   1 where some |x[i, j]| >= threshold (j not a known column)
  * Filled by l8_quantize_x_cuda + l8_outliers_compact_cuda:
@@ -31,11 +32,12 @@ typedef struct {
  *   - computes a provisional row scale: the absmax over the elements that are neither in
  *     a known column nor >= threshold, and the column where it occurs (rcol),
  *   - writes xq (m, kp) int8 with that scale: 0 in known columns, in this row's outliers
- *     and in the padding columns [k, kp).
+ *     and in the padding columns [k, kp); and zeroes the padding rows [m, mpad) of xq
+ *     (mpad >= m: the rows the int8 GEMM reads).
  * The provisional scale is exact unless its column turns out to be an outlier of another
  * row; l8_outliers_fix_cuda re-quantizes exactly those rows. */
-cudaError_t l8_quantize_x_cuda(const void *x, l8_dtype xt, int64_t m, int64_t k, int64_t kp, float threshold,
-                               const uint8_t *kflag, unsigned *dflag, int8_t *xq, float *sx, int *rcol,
+cudaError_t l8_quantize_x_cuda(const void *x, l8_dtype xt, int64_t m, int64_t k, int64_t kp, int64_t mpad,
+                               float threshold, const uint8_t *kflag, unsigned *dflag, int8_t *xq, float *sx, int *rcol,
                                cudaStream_t s);
 
 /* One block: the outlier columns (kflag | dflag) in ascending order into the list. */
@@ -45,23 +47,23 @@ cudaError_t l8_outliers_compact_cuda(const uint8_t *kflag, const int32_t *known_
 /* Pass 2, one block per row, touching only outlier columns: re-quantizes the rows whose
  * provisional scale came from a dynamic outlier column, zeroes the dynamic columns in
  * the other rows, and gathers x's outlier columns (rounded to fp16) into xo (m, ldo) for
- * the first min(counts[0], ldo) entries. */
+ * the first min(counts[0], ldo) entries.
+ * In the same launch (extra blocks, when dcap > 0): wd (dcap, n) fp16, for the first
+ * min(counts[1], dcap) dynamic slots the weight column dequantized as the CPU backend
+ * does: f16(wq[j, col] * (wscale[j] / 127)), wq (n, ldw) int8. */
 cudaError_t l8_outliers_fix_cuda(const void *x, l8_dtype xt, int64_t m, int64_t k, int64_t kp, float threshold,
                                  const uint8_t *kflag, const l8_outlier_list *ol, int8_t *xq, float *sx,
-                                 const int *rcol, __half *xo, int64_t ldo, cudaStream_t s);
+                                 const int *rcol, __half *xo, int64_t ldo, const int8_t *wq, int64_t ldw,
+                                 const float *wscale, int64_t n, int dcap, __half *wd, cudaStream_t s);
 
 /* Rows up to which l8_quantize_small_m_cuda serves (the GEMV path's m). */
 #define L8_CUDA_SMALL_M L8_CUDA_GEMV_MAX_M
 
-/* For m <= L8_CUDA_SMALL_M: everything above (pass 1, compaction, pass 2) in one
- * single-block launch, without the compact copy xo; clears dflag itself (no memset). */
+/* For m <= L8_CUDA_SMALL_M: everything above (pass 1 with the rows in parallel,
+ * compaction, pass 2) in one single-block launch, without the compact copy xo; clears
+ * dflag itself (no memset). */
 cudaError_t l8_quantize_small_m_cuda(const void *x, l8_dtype xt, int64_t m, int64_t k, int64_t kp, float threshold,
                                      const uint8_t *kflag, const int32_t *known_pos, const l8_outlier_list *ol,
                                      int8_t *xq, float *sx, cudaStream_t s);
-
-/* wd (dcap, n) fp16: for the first min(counts[1], dcap) dynamic slots, the weight column
- * dequantized as the CPU backend does: f16(wq[j, col] * (wscale[j] / 127)). */
-cudaError_t l8_dynamic_weights_cuda(const int8_t *wq, int64_t ldw, const float *wscale, int64_t n,
-                                    const l8_outlier_list *ol, int dcap, __half *wd, cudaStream_t s);
 
 #endif

@@ -223,15 +223,18 @@ done:
 PyDoc_STRVAR(int8_matmul_cuda_doc,
 "_int8_matmul_cuda(a, b, path='auto') -> DeviceArray\n\n"
 "Exact int8 GEMM on the GPU: a (m, k) int8 @ b (n, k).T -> (m, n) int32 (device arrays).\n"
-"path: 'auto', 'gemv' (the m <= 8 kernel) or 'cublaslt'.");
+"path: 'auto', 'gemv' (the m <= 8 kernel), 'cublaslt', or 'tiled' (the dp4a kernel used where\n"
+"cuBLASLt offers no algorithm).");
 
 static PyObject *py_int8_matmul_cuda(PyObject *mod, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"a", "b", "path", NULL};
     PyObject *ao, *bo;
     const char *path = "auto";
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|s:_int8_matmul_cuda", kwlist, &ao, &bo, &path)) return NULL;
-    const int p = !strcmp(path, "auto") ? 0 : !strcmp(path, "gemv") ? 1 : !strcmp(path, "cublaslt") ? 2 : -1;
-    if (p < 0) return PyErr_Format(PyExc_ValueError, "path must be 'auto', 'gemv' or 'cublaslt', got '%s'", path);
+    const int p = !strcmp(path, "auto") ? 0 : !strcmp(path, "gemv") ? 1 : !strcmp(path, "cublaslt") ? 2
+                : !strcmp(path, "tiled") ? 3 : -1;
+    if (p < 0)
+        return PyErr_Format(PyExc_ValueError, "path must be 'auto', 'gemv', 'cublaslt' or 'tiled', got '%s'", path);
     l8_cuda_state *st = PyModule_GetState(mod);
     if (!get_ctx(st)) return NULL;
     const cudaStream_t s = current_stream(st);
