@@ -29,6 +29,9 @@ def cases():
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--graph", action="store_true", help="also capture a forward into a CUDA graph")
+    ap.add_argument("--no-fp16-baseline", action="store_true",
+                    help="leave out the fp16 cuBLASLt baseline (for initcheck: on an H200 it reported that "
+                         "kernel's output as never written although its values checked out in the same run)")
     args = ap.parse_args(argv)
     if not llmint8.cuda_available():
         print(f"gpu_smoke: no usable GPU ({lcuda.unavailable_reason()})")
@@ -64,14 +67,15 @@ def main(argv=None):
                 bad += 1
                 print(f"MISMATCH int8 gemm {path} m={m} n={nn} k={kk}")
     # the fp16 baseline against float64
-    x16 = rng.standard_normal((16, k)).astype(np.float16)
-    w16 = w.astype(np.float16)
-    y = _cuda._fp16_linear(lcuda.to_device(x16), lcuda.to_device(w16)).numpy().astype(np.float64)
-    ref = x16.astype(np.float64) @ w16.astype(np.float64).T
-    e = np.abs(y - ref).max() / np.abs(ref).max()
-    if not e < 2e-3:
-        bad += 1
-        print(f"MISMATCH fp16 baseline: rel err {e:.3g}")
+    if not args.no_fp16_baseline:
+        x16 = rng.standard_normal((16, k)).astype(np.float16)
+        w16 = w.astype(np.float16)
+        y = _cuda._fp16_linear(lcuda.to_device(x16), lcuda.to_device(w16)).numpy().astype(np.float64)
+        ref = x16.astype(np.float64) @ w16.astype(np.float64).T
+        e = np.abs(y - ref).max() / np.abs(ref).max()
+        if not e < 2e-3:
+            bad += 1
+            print(f"MISMATCH fp16 baseline: rel err {e:.3g}")
     if args.graph:
         bad += graph_case(w, b, rng)
     print(f"gpu_smoke: {'OK' if not bad else f'{bad} FAILED'}")
