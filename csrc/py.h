@@ -24,7 +24,6 @@ typedef struct {
     int num_threads;   /* OpenMP threads for CPU work; 0 = OpenMP's default */
     void *cuda;        /* the CUDA backend's context (handles, workspace, pools); NULL when absent */
     int cpu_kernel;    /* CPU GEMM kernel (l8_kernel) from LLMINT8_CPU_KERNEL or set_cpu_kernel; -1 = best */
-    char cpu_kernel_bad[32]; /* an LLMINT8_CPU_KERNEL naming no kernel: ValueError when a kernel is needed */
 #ifdef LLMINT8_CUDA
     PyTypeObject *DeviceArray_type;
 #endif
