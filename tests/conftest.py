@@ -34,7 +34,7 @@ def ref_llm_int8(x, w, bias=None, threshold=6.0, known=()):
     Known outlier columns use the fp16 weight; dynamic ones the dequantized int8 weight.
     The outlier product keeps x's precision: for float16 x the dynamic weight columns are
     rounded to fp16, for float32 x neither x nor they are rounded."""
-    half = np.asarray(x).dtype == np.float16
+    half = np.asarray(x).dtype.type is np.float16  # any byte order
     x = np.asarray(x, dtype=np.float64)
     w = np.asarray(w, dtype=np.float64)
     known = np.unique(np.asarray(known, dtype=np.int64))
