@@ -551,7 +551,9 @@ PyDoc_STRVAR(quantize_weight_doc,
 "Quantize a layer weight (out, in) float16/float32 the way Int8Linear holds it:\n"
 "weight_int8 (out, in) int8 with the outlier columns set to 0; weight_scale (out,)\n"
 "float32 absmax of each row over the other columns; outlier_weight (out, n_outliers)\n"
-"float16, the original weight's outlier columns (outlier_columns sorted, unique).");
+"float16, the original weight's outlier columns (outlier_columns sorted, unique).\n"
+"ValueError for an empty weight, a column outside [0, in), or a float32 weight beyond\n"
+"float16's range (65504) in an outlier column (the layer keeps those in float16).");
 
 static PyObject *py_quantize_weight(PyObject *mod, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"weight", "outlier_columns", NULL};
@@ -774,6 +776,8 @@ PyDoc_STRVAR(linear_forward_doc,
 "forward(x, out_dtype=None) -> array\n\n"
 "y = x @ weight.T + bias by LLM.int8() for x (m, in_features) float16/float32.\n"
 "Returns (m, out_features) in out_dtype (float16 or float32; default x's dtype).\n"
+"The outlier product keeps x's precision: fp16 operands for float16 x, x in float32\n"
+"for float32 x (a finite float32 input never overflows there).\n"
 "On a CUDA layer x may also be a device array (a DeviceArray, or any object with\n"
 "__dlpack__ or __cuda_array_interface__ on the layer's GPU): the result is then a\n"
 "DeviceArray, queued on the current stream with no host round trip.");
@@ -925,7 +929,9 @@ PyDoc_STRVAR(linear_doc,
 "Int8Linear(weight_int8, weight_scale, outlier_columns=None, outlier_weight=None, bias=None,\n"
 "           threshold=6.0, device='cpu')\n\n"
 "The C layer behind llmint8.Int8Linear, built from already quantized weights\n"
-"(see quantize_weight). Use llmint8.Int8Linear.from_float instead.");
+"(see quantize_weight). outlier_columns[i] pairs with outlier_weight[:, i]; both are\n"
+"sorted together by column, and a column given twice is a ValueError.\n"
+"Use llmint8.Int8Linear.from_float instead.");
 
 static PyType_Slot linear_slots[] = {
     {Py_tp_new, linear_new},
