@@ -36,6 +36,16 @@ class Int8Linear(_C.Int8Linear):
     ``threshold=0`` turns the dynamic decomposition off (known outlier columns, if
     any, still use their fp16 weights: only fp16 copies of them are kept).
 
+    The outlier product keeps the precision of x: float16 x multiplies fp16 operands
+    (a dynamically found column's dequantized weight is rounded to fp16; a value beyond
+    fp16's range there raises ValueError), float32 x multiplies x in float32 with the
+    fp16 known columns or the unrounded dequantized weight, so a finite float32 input
+    never overflows in the outlier path.
+
+    The raw constructor ``Int8Linear(weight_int8, weight_scale, outlier_columns,
+    outlier_weight, ...)`` pairs ``outlier_columns[i]`` with ``outlier_weight[:, i]``;
+    both are sorted together, and a column given twice is a ValueError.
+
     Build one with :meth:`from_float`. Calls are thread-safe: the layer is immutable.
     """
 
@@ -49,13 +59,16 @@ class Int8Linear(_C.Int8Linear):
         bias: (out_features,) float16/float32, or None.
         threshold: dynamic outlier threshold (>= 0; 0 = no dynamic decomposition).
         outlier_columns: known outlier feature indices (e.g. from calibration with
-            ``find_outlier_columns``); their weight columns are kept in fp16 and left
-            out of the row scales. Sorted and deduplicated.
+            ``find_outlier_columns``), a 1-D integer sequence; their weight columns are
+            kept in fp16 and left out of the row scales. Sorted and deduplicated (in
+            O(n + in_features)). A float32 weight beyond fp16's range (65504) in one of
+            these columns raises ValueError naming the element.
         device: "cpu", "cuda", "cuda:N", or None for the best available.
         """
         device = resolve_device(device)
         cols = [] if outlier_columns is None else outlier_columns
-        wq, ws, wo = _C.quantize_weight(weight, cols)
+        wq, ws, wo = _C.quantize_weight(weight, cols)  # validates cols; wo follows np.unique(cols)
+        cols = np.unique(np.asarray(cols)).astype(np.int64) if wo.shape[1] else []
         return cls(wq, ws, cols, wo, bias, threshold, device)
 
     def __call__(self, x):
@@ -65,7 +78,11 @@ class Int8Linear(_C.Int8Linear):
         or a CuPy / JAX / PyTorch CUDA array) gives a DeviceArray out, without a host round trip.
         """
         if not is_device_array(x):
+            given = x
             x = np.asarray(x)
+            if x.dtype.kind not in "fiucb":  # None, str, objects: not an array of numbers
+                raise TypeError(f"x must be a float16 or float32 array of shape (..., {self.in_features}), "
+                                f"got {type(given).__name__}")
         if len(x.shape) == 0:
             raise ValueError(f"x must have shape (..., {self.in_features}), got a scalar")
         if x.shape[-1] != self.in_features:

@@ -31,7 +31,10 @@ def ref_quantize_rows(a, skip=None):
 def ref_llm_int8(x, w, bias=None, threshold=6.0, known=()):
     """LLM.int8() forward written independently in float64 NumPy (the test oracle).
 
-    Known outlier columns use the fp16 weight; dynamic ones the dequantized int8 weight."""
+    Known outlier columns use the fp16 weight; dynamic ones the dequantized int8 weight.
+    The outlier product keeps x's precision: for float16 x the dynamic weight columns are
+    rounded to fp16, for float32 x neither x nor they are rounded."""
+    half = np.asarray(x).dtype.type is np.float16  # any byte order
     x = np.asarray(x, dtype=np.float64)
     w = np.asarray(w, dtype=np.float64)
     known = np.unique(np.asarray(known, dtype=np.int64))
@@ -41,10 +44,29 @@ def ref_llm_int8(x, w, bias=None, threshold=6.0, known=()):
     qx, sx = ref_quantize_rows(x, out)
     y = (qx @ qw.T) * (sx[:, None] * sw[None, :]) / 127.0**2
     if len(out):
-        wo = np.where(np.isin(out, known)[None, :], w[:, out], qw[:, out] * sw[:, None] / 127.0)
-        wo16 = wo.astype(np.float16).astype(np.float64)
-        xo16 = x[:, out].astype(np.float16).astype(np.float64)
-        y += xo16 @ wo16.T
+        wo = qw[:, out] * sw[:, None] / 127.0
+        if half:
+            wo = wo.astype(np.float16).astype(np.float64)
+        is_known = np.isin(out, known)
+        wo[:, is_known] = w[:, out[is_known]].astype(np.float16).astype(np.float64)
+        y += x[:, out] @ wo.T
     if bias is not None:
         y += np.asarray(bias, dtype=np.float64)
     return y
+
+
+def packed_weight_nbytes(kernel, n, k):
+    """Bytes of an (n, k) int8 weight packed for a CPU kernel, from the layout csrc/gemm.h
+    documents: portable keeps (n, k); the SIMD kernels pad n to a multiple of 16 and k to a
+    multiple of 4, and the vpdpbusd kernels (avxvnni, avx512vnni) add an int32 per padded row."""
+    if kernel == "portable":
+        return n * k
+    n_pad, k_pad = -(-n // 16) * 16, -(-k // 4) * 4
+    return n_pad * k_pad + (4 * n_pad if kernel in ("avxvnni", "avx512vnni") else 0)
+
+
+def int8linear_nbytes(kernel, n, k, n_outliers=0, bias=False):
+    """What a CPU Int8Linear (n, k) holds: the packed weight, float32 row scales, fp16 known
+    outlier columns with their int32 indices, and the float32 bias."""
+    return (packed_weight_nbytes(kernel, n, k) + 4 * n + (2 * n + 4) * n_outliers
+            + (4 * n if bias else 0))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import llmint8
+from conftest import int8linear_nbytes
 from data_paths import STORIES_BIN, STORIES_TOK, WIKITEXT_TEST, SHAKESPEARE, require
 from llmint8.models import load_model, perplexity, token_nll
 
@@ -106,13 +108,23 @@ def test_methods_and_nbytes(model):
     n_lin = sum(model.weights[n + ".weight"].size for n in model.linear_names)
     assert model.linear_weight_nbytes == 4 * n_lin
     ref = token_nll(model, ids).mean()
-    for method in ("float", "fp16", "vectorwise", "absmax", "zeropoint", "rowwise"):
+    for method in ("float", "fp16", "absmax", "zeropoint", "rowwise"):
         q = model.quantize(method)
         if method == "fp16":
             assert q.linear_weight_nbytes == 2 * n_lin
-        elif method != "float":
+        elif method != "float":  # int8 weight and a few scales, unpacked
             assert n_lin <= q.linear_weight_nbytes < 1.1 * n_lin
         assert abs(token_nll(q, ids).mean() - ref) < 0.1, method
+    # vectorwise is an Int8Linear: it holds the weight packed for its CPU kernel, padding included
+    for kernel in llmint8.cpu_kernels():
+        llmint8.set_cpu_kernel(kernel)
+        try:
+            q = model.quantize("vectorwise", device="cpu")
+        finally:
+            llmint8.set_cpu_kernel(None)
+        shapes = [model.weights[n + ".weight"].shape for n in model.linear_names]
+        assert q.linear_weight_nbytes == sum(int8linear_nbytes(kernel, n, k) for n, k in shapes), kernel
+        assert abs(token_nll(q, ids).mean() - ref) < 0.1, kernel
     with pytest.raises(ValueError, match="unknown method"):
         model.quantize("int4")
 

@@ -18,9 +18,18 @@ const char *l8_kernel_name(l8_kernel k) {
     return (unsigned)k < L8_KERNEL_COUNT ? KERNEL_NAMES[k] : "unknown";
 }
 
+/* ASCII case-insensitive equality (strcasecmp is POSIX, not C11, and follows the locale). */
+static int same_name(const char *a, const char *b) {
+    for (;; a++, b++) {
+        const char ca = *a >= 'A' && *a <= 'Z' ? (char)(*a - 'A' + 'a') : *a;
+        if (ca != *b) return 0;
+        if (!ca) return 1;
+    }
+}
+
 int l8_kernel_from_name(const char *s) {
     for (int k = 0; k < L8_KERNEL_COUNT; k++)
-        if (!strcmp(s, KERNEL_NAMES[k])) return k;
+        if (same_name(s, KERNEL_NAMES[k])) return k;
     return -1;
 }
 

@@ -17,7 +17,7 @@ typedef enum {
 /* "portable", "avx2", "avxvnni", "avx512vnni". */
 const char *l8_kernel_name(l8_kernel k);
 
-/* The kernel named s, or -1 when no kernel has that name. */
+/* The kernel named s (ASCII case-insensitive), or -1 when no kernel has that name. */
 int l8_kernel_from_name(const char *s);
 
 /* Bit (1 << k) set for every kernel this CPU and OS can run (portable always). */

@@ -18,8 +18,15 @@ int l8_quantize_weight(const void *w, l8_dtype t, int64_t out, int64_t in, const
     for (int64_t i = 0; i < out; i++)
         for (int64_t o = 0; o < n_ocols; o++) {
             const size_t idx = (size_t)i * (size_t)in + (size_t)ocols[o];
-            dst->wout[i * n_ocols + o] =
-                t == L8_F16 ? ((const uint16_t *)w)[idx] : l8_float_to_half(((const float *)w)[idx]);
+            const uint16_t h = t == L8_F16 ? ((const uint16_t *)w)[idx] : l8_float_to_half(((const float *)w)[idx]);
+            if ((h & 0x7C00u) == 0x7C00u) /* finite float32 input: only overflow gets here */
+                return l8_fail(st, L8_ERR_VALUE,
+                               "weight[%lld, %d] = %g is beyond float16's range (65504), but column %d is a known "
+                               "outlier column, which the layer keeps in float16; scale the weight down or leave "
+                               "column %d out of outlier_columns",
+                               (long long)i, (int)ocols[o], (double)((const float *)w)[idx], (int)ocols[o],
+                               (int)ocols[o]);
+            dst->wout[i * n_ocols + o] = h;
         }
     return 0;
 }

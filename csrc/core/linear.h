@@ -54,7 +54,8 @@ extern const l8_backend l8_cpu_backend;
 
 /* Quantize a float weight (out, in) for a layer: the canonical layout above. The
  * outlier columns (sorted, unique, in range) are excluded from the row scales and
- * kept as fp16. Buffers are the caller's. Fails only when out of memory. */
+ * kept as fp16. Buffers are the caller's. Fails when out of memory, and with
+ * L8_ERR_VALUE when a float32 weight in an outlier column is beyond fp16's range. */
 int l8_quantize_weight(const void *w, l8_dtype t, int64_t out, int64_t in, const int32_t *ocols,
                        int64_t n_ocols, l8_weights *dst, int nthreads, l8_status *st);
 

@@ -6,10 +6,14 @@
  *   2. outlier set O = known columns U dynamic columns;
  *   3. vector-wise quantization of x with O excluded from the row scales (quantize.c);
  *   4. int8 GEMM (gemm.c, gemm_x86.c) whose per-tile epilogue computes
- *        y = acc * sx[i] * sw[j] / 127^2 + bias[j] + sum_{o in O} f16(x[i,o]) * w16[j,o]
+ *        y = acc * sx[i] * sw[j] / 127^2 + bias[j] + sum_{o in O} x[i,o] * wo[j,o]
  *      with fp32 accumulation, and writes fp32 or fp16.
  * Known outlier columns use the layer's fp16 weight columns; dynamic ones use the
- * int8 weights dequantized and rounded to fp16 (the best the layer holds for them).
+ * int8 weights dequantized (the best the layer holds for them). The outlier operands
+ * keep x's precision: float16 x multiplies fp16 values (dynamic weight columns are
+ * rounded to fp16; one beyond fp16's range is a ValueError), float32 x multiplies
+ * x in fp32 with the dequantized weight unrounded, so a finite |x| > 65504 in an
+ * outlier column never becomes inf.
  *
  * The layer's kernel (L->cpu_kernel) is fixed at creation, when the int8 weight is
  * packed for it. With a SIMD kernel, steps 1, 3 and the epilogue use the AVX2 + F16C
@@ -172,14 +176,15 @@ static int cpu_forward(const l8_layer *L, const void *x, l8_dtype xt, int64_t m,
         l8_quantize_rows(x, xt, m, k, flags, xq, sx, nthreads);
     }
 
-    /* the outlier slice of x, rounded to fp16: it is multiplied in fp16 precision */
+    /* the outlier slice of x, exactly as given: fp16 values for float16 x, fp32 for
+     * float32 x (an fp16 copy would turn a finite |x| > 65504 into inf) */
     const size_t es = l8_dtype_size(xt);
     for (int64_t i = 0; i < m; i++) {
         const char *row = (const char *)x + (size_t)i * (size_t)k * es;
-        for (int64_t o = 0; o < no; o++) xo[i * no + o] = l8_round_f16(l8_load(row, xt, (size_t)ocols[o]));
+        for (int64_t o = 0; o < no; o++) xo[i * no + o] = l8_load(row, xt, (size_t)ocols[o]);
     }
     /* outlier weight columns, (no, n) so the epilogue reads them along j: fp16 originals
-     * where known, dequantized int8 otherwise */
+     * where known, dequantized int8 otherwise (rounded to fp16 for float16 x) */
     for (int64_t o = 0; o < no; o++) {
         const int32_t col = ocols[o], kp = known_pos[col];
         float *dst = woT + o * n;
@@ -189,10 +194,20 @@ static int cpu_forward(const l8_layer *L, const void *x, l8_dtype xt, int64_t m,
         }
         l8_packed_b_column(&c->wq, col, wcol);
         for (int64_t j = 0; j < n; j++) dst[j] = (float)wcol[j] * (c->wscale[j] / 127.0f);
+        if (xt == L8_F32) continue;
         if (simd)
             l8_round_f16_simd(dst, n);
         else
             for (int64_t j = 0; j < n; j++) dst[j] = l8_round_f16(dst[j]);
+        for (int64_t j = 0; j < n; j++)
+            if (!l8_isfinite(dst[j])) { /* only a float32 weight beyond fp16's range gets here */
+                l8_fail(st, L8_ERR_VALUE,
+                        "column %d of x is an outlier and x is float16, but the layer's weight[%lld, %d] = %g "
+                        "is beyond float16's range (65504); pass x as float32 (the outlier product is then "
+                        "computed in float32)",
+                        (int)col, (long long)j, (int)col, (double)wcol[j] * (c->wscale[j] / 127.0f));
+                goto done;
+            }
     }
 
     epi_ctx e = {y, yt, n, sx, c->wscale, c->bias, xo, woT, no, simd};

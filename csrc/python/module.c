@@ -73,14 +73,10 @@ static int resolve_cpu_kernel(const l8_state *st, PyObject *name, l8_kernel *out
         if (!s) return -1;
         if ((k = l8_kernel_from_name(s)) < 0) {
             PyErr_Format(PyExc_ValueError,
-                         "unknown CPU kernel %R; expected one of 'portable', 'avx2', 'avxvnni', 'avx512vnni'", name);
+                         "unknown CPU kernel %R; expected one of 'portable', 'avx2', 'avxvnni', 'avx512vnni' "
+                         "(any case)", name);
             return -1;
         }
-    } else if (st->cpu_kernel_bad[0]) {
-        PyErr_Format(PyExc_ValueError,
-                     "LLMINT8_CPU_KERNEL=%s names no CPU kernel; expected portable, avx2, avxvnni or avx512vnni",
-                     st->cpu_kernel_bad);
-        return -1;
     } else {
         k = st->cpu_kernel >= 0 ? st->cpu_kernel : (int)l8_kernel_best();
     }
@@ -176,51 +172,167 @@ static int parse_threshold(PyObject *obj, float *out) {
     return 0;
 }
 
-/* Sorted, unique int32 column indices in [0, k) from any integer sequence (new ref). */
-static PyArrayObject *as_columns(PyObject *obj, int64_t k, const char *name) {
+/* Column indices from any 1-D integer sequence as a fresh int64 array (new ref), every
+ * value checked against [0, k) before any narrowing: a uint64 2**63 or a Python int
+ * beyond int64 is reported as given, never wrapped. A scalar is a TypeError. */
+static PyArrayObject *columns_int64(PyObject *obj, int64_t k, const char *name) {
     PyArrayObject *a0 = (PyArrayObject *)PyArray_FromAny(obj, NULL, 0, 0, 0, NULL);
     if (!a0) return NULL;
-    if (PyArray_NDIM(a0) > 1) {
+    if (PyArray_NDIM(a0) != 1) {
         char s[128];
         shape_str(a0, s, sizeof s);
-        PyErr_Format(PyExc_ValueError, "%s must be a 1-D sequence of column indices, got shape %s", name, s);
+        if (PyArray_NDIM(a0) == 0)
+            PyErr_Format(PyExc_TypeError, "%s must be a 1-D sequence of column indices, got a scalar %R", name, obj);
+        else
+            PyErr_Format(PyExc_ValueError, "%s must be a 1-D sequence of column indices, got shape %s", name, s);
         Py_DECREF(a0);
         return NULL;
     }
+    const npy_intp n = PyArray_SIZE(a0);
     /* an empty list arrives as float64: accept any empty input */
-    if (PyArray_SIZE(a0) > 0 && !PyArray_ISINTEGER(a0)) {
+    if (n > 0 && !PyArray_ISINTEGER(a0) && !PyArray_ISOBJECT(a0)) {
         PyObject *d = dtype_name(a0);
         PyErr_Format(PyExc_TypeError, "%s must hold integers, got dtype %S", name, d);
         Py_XDECREF(d);
         Py_DECREF(a0);
         return NULL;
     }
-    PyArrayObject *a64 = (PyArrayObject *)PyArray_FromAny((PyObject *)a0, PyArray_DescrFromType(NPY_INT64), 0, 1,
-                                                          NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED |
-                                                              NPY_ARRAY_FORCECAST | NPY_ARRAY_ENSURECOPY,
-                                                          NULL);
+    npy_intp dims[1] = {n};
+    PyArrayObject *out = (PyArrayObject *)PyArray_SimpleNew(1, dims, NPY_INT64);
+    if (!out) { Py_DECREF(a0); return NULL; }
+    int64_t *v = PyArray_DATA(out);
+    /* Python ints too large for any NumPy integer type arrive as objects */
+    const int as_object = n > 0 && PyArray_ISOBJECT(a0), as_unsigned = n > 0 && PyArray_ISUNSIGNED(a0);
+    PyArrayObject *src = as_object ? (Py_INCREF(a0), a0)
+                                   : (PyArrayObject *)PyArray_FromAny((PyObject *)a0,
+                                         PyArray_DescrFromType(as_unsigned ? NPY_UINT64 : NPY_INT64), 1, 1,
+                                         NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED | NPY_ARRAY_FORCECAST, NULL);
     Py_DECREF(a0);
+    if (!src) { Py_DECREF(out); return NULL; }
+    for (npy_intp i = 0; i < n; i++) {
+        if (as_object) {
+            PyObject *item = ((PyObject **)PyArray_DATA(src))[i];
+            if (!PyLong_Check(item)) {
+                PyErr_Format(PyExc_TypeError, "%s must hold integers, got %R at position %zd", name, item,
+                             (Py_ssize_t)i);
+                goto fail;
+            }
+            int overflow = 0;
+            long long x = PyLong_AsLongLongAndOverflow(item, &overflow);
+            if (x == -1 && PyErr_Occurred()) goto fail;
+            if (overflow || x < 0 || x >= k) {
+                PyErr_Format(PyExc_ValueError, "%s holds column %R; expected indices in [0, %lld)", name, item,
+                             (long long)k);
+                goto fail;
+            }
+            v[i] = x;
+        } else if (as_unsigned) {
+            const uint64_t x = ((const uint64_t *)PyArray_DATA(src))[i];
+            if (x >= (uint64_t)k) {
+                PyErr_Format(PyExc_ValueError, "%s holds column %llu; expected indices in [0, %lld)", name,
+                             (unsigned long long)x, (long long)k);
+                goto fail;
+            }
+            v[i] = (int64_t)x;
+        } else {
+            const int64_t x = ((const int64_t *)PyArray_DATA(src))[i];
+            if (x < 0 || x >= k) {
+                PyErr_Format(PyExc_ValueError, "%s holds column %lld; expected indices in [0, %lld)", name,
+                             (long long)x, (long long)k);
+                goto fail;
+            }
+            v[i] = x;
+        }
+    }
+    Py_DECREF(src);
+    return out;
+fail:
+    Py_DECREF(src);
+    Py_DECREF(out);
+    return NULL;
+}
+
+/* Sorted, unique int32 column indices in [0, k) from any integer sequence (new ref).
+ * A k-sized bitmap sorts and deduplicates in O(n + k), whatever the list's length. */
+static PyArrayObject *as_columns(PyObject *obj, int64_t k, const char *name) {
+    PyArrayObject *a64 = columns_int64(obj, k, name), *out = NULL;
     if (!a64) return NULL;
-    npy_intp n = PyArray_SIZE(a64);
-    int64_t *v = PyArray_DATA(a64);
-    for (npy_intp i = 0; i < n; i++)
-        if (v[i] < 0 || v[i] >= k) {
-            PyErr_Format(PyExc_ValueError, "%s holds column %lld; expected indices in [0, %lld)", name,
-                         (long long)v[i], (long long)k);
-            Py_DECREF(a64);
-            return NULL;
-        }
+    const npy_intp n = PyArray_SIZE(a64);
+    const int64_t *v = PyArray_DATA(a64);
+    uint8_t *seen = calloc((size_t)k + 1, 1);
+    if (!seen) { PyErr_NoMemory(); goto done; }
     npy_intp dims[1] = {0};
-    for (npy_intp i = 1; i < n; i++) /* insertion sort: the list is short and often sorted */
-        for (npy_intp j = i; j > 0 && v[j - 1] > v[j]; j--) {
-            int64_t t = v[j]; v[j] = v[j - 1]; v[j - 1] = t;
-        }
-    for (npy_intp i = 0; i < n; i++)
-        if (dims[0] == 0 || v[dims[0] - 1] != v[i]) v[dims[0]++] = v[i];
-    PyArrayObject *out = (PyArrayObject *)PyArray_SimpleNew(1, dims, NPY_INT32);
-    if (out)
-        for (npy_intp i = 0; i < dims[0]; i++) ((int32_t *)PyArray_DATA(out))[i] = (int32_t)v[i];
+    for (npy_intp i = 0; i < n; i++) {
+        dims[0] += !seen[v[i]];
+        seen[v[i]] = 1;
+    }
+    if (!(out = (PyArrayObject *)PyArray_SimpleNew(1, dims, NPY_INT32))) goto done;
+    int32_t *o = PyArray_DATA(out);
+    for (int64_t j = 0, c = 0; j < k && c < dims[0]; j++)
+        if (seen[j]) o[c++] = (int32_t)j;
+done:
+    free(seen);
     Py_DECREF(a64);
+    return out;
+}
+
+/* The raw constructor's outlier_columns, paired one to one with the columns of
+ * outlier_weight: the columns sorted (int32, new ref) and order[i], the position in
+ * the given list of the i-th sorted column (malloc'ed, the caller frees it). A column
+ * given twice is a ValueError: it would pair with two weight columns. */
+static PyArrayObject *paired_columns(PyObject *obj, int64_t k, int32_t **order) {
+    PyArrayObject *a64 = columns_int64(obj, k, "outlier_columns"), *out = NULL;
+    if (!a64) return NULL;
+    const npy_intp n = PyArray_SIZE(a64);
+    const int64_t *v = PyArray_DATA(a64);
+    int32_t *pos = l8_malloc_array((size_t)k, sizeof(int32_t));
+    *order = l8_malloc_array((size_t)n + 1, sizeof(int32_t));
+    if (!pos || !*order) { PyErr_NoMemory(); goto fail; }
+    for (int64_t j = 0; j < k; j++) pos[j] = -1;
+    for (npy_intp i = 0; i < n; i++) {
+        if (pos[v[i]] >= 0) {
+            PyErr_Format(PyExc_ValueError, "outlier_columns holds column %lld twice (positions %d and %lld); "
+                         "expected each column once, paired with one column of outlier_weight",
+                         (long long)v[i], (int)pos[v[i]], (long long)i);
+            goto fail;
+        }
+        pos[v[i]] = (int32_t)i;
+    }
+    npy_intp dims[1] = {n};
+    if (!(out = (PyArrayObject *)PyArray_SimpleNew(1, dims, NPY_INT32))) goto fail;
+    int32_t *o = PyArray_DATA(out);
+    for (int64_t j = 0, c = 0; j < k && c < n; j++)
+        if (pos[j] >= 0) {
+            o[c] = (int32_t)j;
+            (*order)[c++] = pos[j];
+        }
+    free(pos);
+    Py_DECREF(a64);
+    return out;
+fail:
+    free(pos);
+    free(*order);
+    *order = NULL;
+    Py_DECREF(a64);
+    return NULL;
+}
+
+/* outlier_weight (n, no) fp16 with its columns reordered: out[:, c] = w[:, order[c]]
+ * (new ref; w itself, with a new reference, when order is the identity). */
+static PyArrayObject *reorder_columns(PyArrayObject *w, const int32_t *order) {
+    const npy_intp n = PyArray_DIM(w, 0), no = PyArray_DIM(w, 1);
+    int identity = 1;
+    for (npy_intp c = 0; c < no; c++) identity &= order[c] == c;
+    if (identity) {
+        Py_INCREF(w);
+        return w;
+    }
+    PyArrayObject *out = (PyArrayObject *)PyArray_SimpleNew(2, PyArray_DIMS(w), NPY_FLOAT16);
+    if (!out) return NULL;
+    const uint16_t *src = PyArray_DATA(w);
+    uint16_t *dst = PyArray_DATA(out);
+    for (npy_intp i = 0; i < n; i++)
+        for (npy_intp c = 0; c < no; c++) dst[i * no + c] = src[i * no + order[c]];
     return out;
 }
 
@@ -426,7 +538,9 @@ PyDoc_STRVAR(quantize_weight_doc,
 "Quantize a layer weight (out, in) float16/float32 the way Int8Linear holds it:\n"
 "weight_int8 (out, in) int8 with the outlier columns set to 0; weight_scale (out,)\n"
 "float32 absmax of each row over the other columns; outlier_weight (out, n_outliers)\n"
-"float16, the original weight's outlier columns (outlier_columns sorted, unique).");
+"float16, the original weight's outlier columns (outlier_columns sorted, unique).\n"
+"ValueError for an empty weight, a column outside [0, in), or a float32 weight beyond\n"
+"float16's range (65504) in an outlier column (the layer keeps those in float16).");
 
 static PyObject *py_quantize_weight(PyObject *mod, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"weight", "outlier_columns", NULL};
@@ -435,8 +549,13 @@ static PyObject *py_quantize_weight(PyObject *mod, PyObject *args, PyObject *kw)
     l8_state *st = PyModule_GetState(mod);
     PyArrayObject *w = as_float(wo, "weight", 2, 2), *cols = NULL, *wq = NULL, *ws = NULL, *wf = NULL;
     if (!w) return NULL;
-    if (check_finite(w, "weight") < 0) goto fail;
     const int64_t n = PyArray_DIM(w, 0), k = PyArray_DIM(w, 1);
+    if (n < 1 || k < 1) {
+        PyErr_Format(PyExc_ValueError, "weight must have at least one row and column, got (%lld, %lld)",
+                     (long long)n, (long long)k);
+        goto fail;
+    }
+    if (check_finite(w, "weight") < 0) goto fail;
     if (co == Py_None) {
         npy_intp z = 0;
         cols = (PyArrayObject *)PyArray_SimpleNew(1, &z, NPY_INT32);
@@ -586,6 +705,7 @@ static PyObject *linear_new(PyTypeObject *tp, PyObject *args, PyObject *kw) {
 
     PyArrayObject *wq = NULL, *ws = NULL, *cols = NULL, *wout = NULL, *bias = NULL;
     l8_Int8LinearObject *self = NULL;
+    int32_t *order = NULL;
     if (!(wq = as_array(wqo, "weight_int8", INT8_TYPES, "int8", NPY_INT8, 2, 2))) goto fail;
     const int64_t n = PyArray_DIM(wq, 0), k = PyArray_DIM(wq, 1);
     if (n < 1 || k < 1) {
@@ -614,7 +734,7 @@ static PyObject *linear_new(PyTypeObject *tp, PyObject *args, PyObject *kw) {
         npy_intp z = 0;
         cols = (PyArrayObject *)PyArray_SimpleNew(1, &z, NPY_INT32);
     } else {
-        cols = as_columns(co, k, "outlier_columns");
+        cols = paired_columns(co, k, &order);
     }
     if (!cols) goto fail;
     const int64_t no = PyArray_SIZE(cols);
@@ -636,6 +756,11 @@ static PyObject *linear_new(PyTypeObject *tp, PyObject *args, PyObject *kw) {
         goto fail;
     }
     if (check_finite(wout, "outlier_weight") < 0) goto fail;
+    if (order) { /* the weight columns follow their columns into sorted order */
+        PyArrayObject *sorted = reorder_columns(wout, order);
+        Py_DECREF(wout);
+        if (!(wout = sorted)) goto fail;
+    }
     if (bo != Py_None) {
         if (!(bias = as_array(bo, "bias", FLOAT_TYPES, "float16 or float32", NPY_FLOAT32, 1, 1))) goto fail;
         if (PyArray_DIM(bias, 0) != n) {
@@ -677,9 +802,11 @@ static PyObject *linear_new(PyTypeObject *tp, PyObject *args, PyObject *kw) {
     Py_INCREF(module);
     self->module = module;
     Py_DECREF(wq); Py_DECREF(ws); Py_DECREF(cols); Py_DECREF(wout); Py_XDECREF(bias);
+    free(order);
     return (PyObject *)self;
 fail:
     Py_XDECREF(wq); Py_XDECREF(ws); Py_XDECREF(cols); Py_XDECREF(wout); Py_XDECREF(bias);
+    free(order);
     Py_XDECREF(self);
     return NULL;
 }
@@ -698,6 +825,8 @@ PyDoc_STRVAR(linear_forward_doc,
 "forward(x, out_dtype=None) -> array\n\n"
 "y = x @ weight.T + bias by LLM.int8() for x (m, in_features) float16/float32.\n"
 "Returns (m, out_features) in out_dtype (float16 or float32; default x's dtype).\n"
+"The outlier product keeps x's precision: fp16 operands for float16 x, x in float32\n"
+"for float32 x (a finite float32 input never overflows there).\n"
 "On a CUDA layer x may also be a device array (a DeviceArray, or any object with\n"
 "__dlpack__ or __cuda_array_interface__ on the layer's GPU): the result is then a\n"
 "DeviceArray, queued on the current stream with no host round trip.");
@@ -849,7 +978,9 @@ PyDoc_STRVAR(linear_doc,
 "Int8Linear(weight_int8, weight_scale, outlier_columns=None, outlier_weight=None, bias=None,\n"
 "           threshold=6.0, device='cpu')\n\n"
 "The C layer behind llmint8.Int8Linear, built from already quantized weights\n"
-"(see quantize_weight). Use llmint8.Int8Linear.from_float instead.");
+"(see quantize_weight). outlier_columns[i] pairs with outlier_weight[:, i]; both are\n"
+"sorted together by column, and a column given twice is a ValueError.\n"
+"Use llmint8.Int8Linear.from_float instead.");
 
 static PyType_Slot linear_slots[] = {
     {Py_tp_new, linear_new},
@@ -902,13 +1033,11 @@ static PyObject *py_set_cpu_kernel(PyObject *mod, PyObject *arg) {
     l8_state *st = PyModule_GetState(mod);
     if (arg == Py_None) {
         st->cpu_kernel = -1;
-        st->cpu_kernel_bad[0] = 0;
         Py_RETURN_NONE;
     }
     l8_kernel kern;
     if (resolve_cpu_kernel(st, arg, &kern) < 0) return NULL;
     st->cpu_kernel = (int)kern;
-    st->cpu_kernel_bad[0] = 0;
     Py_RETURN_NONE;
 }
 
@@ -988,23 +1117,32 @@ static PyMethodDef module_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+/* LLMINT8_CPU_KERNEL, read once at import (any case). A name that is no kernel warns
+ * (RuntimeWarning) and leaves the choice to the CPU: every kernel gives the same bits,
+ * so falling back is safe, and the warning names the value at once instead of the
+ * first call failing. A kernel this CPU lacks raises when a kernel is needed. */
+static int read_cpu_kernel_env(l8_state *st) {
+    st->cpu_kernel = -1;
+    const char *env = getenv("LLMINT8_CPU_KERNEL");
+    if (!env || !env[0]) return 0;
+    const int k = l8_kernel_from_name(env);
+    if (k >= 0) {
+        st->cpu_kernel = k;
+        return 0;
+    }
+    return PyErr_WarnFormat(PyExc_RuntimeWarning, 1,
+                            "LLMINT8_CPU_KERNEL=%.40s%s names no CPU kernel; expected portable, avx2, avxvnni or "
+                            "avx512vnni (any case). Using the fastest this CPU runs, %s",
+                            env, strlen(env) > 40 ? "..." : "", l8_kernel_name(l8_kernel_best()));
+}
+
 static int module_exec(PyObject *m) {
     if (_import_array() < 0) return -1;
     l8_state *st = PyModule_GetState(m);
     st->num_threads = 0;
     st->cuda_module = NULL; /* llmint8._cuda loads on the first CUDA layer */
     st->cuda_api = NULL;
-    /* LLMINT8_CPU_KERNEL is read once, here; a bad value raises when a kernel is needed */
-    st->cpu_kernel = -1;
-    st->cpu_kernel_bad[0] = 0;
-    const char *env = getenv("LLMINT8_CPU_KERNEL");
-    if (env && env[0]) {
-        const int k = l8_kernel_from_name(env);
-        if (k >= 0)
-            st->cpu_kernel = k;
-        else
-            snprintf(st->cpu_kernel_bad, sizeof st->cpu_kernel_bad, "%.24s%s", env, strlen(env) > 24 ? "..." : "");
-    }
+    if (read_cpu_kernel_env(st) < 0) return -1;
     st->Int8Linear_type = (PyTypeObject *)PyType_FromModuleAndSpec(m, &linear_spec, NULL);
     if (!st->Int8Linear_type) return -1;
     if (PyModule_AddType(m, st->Int8Linear_type) < 0) return -1;

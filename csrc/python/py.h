@@ -25,7 +25,6 @@ typedef struct {
     PyObject *cuda_module;    /* llmint8._cuda once a CUDA layer has loaded it (cuda_api.h), else NULL */
     const void *cuda_api;     /* its l8_cuda_api table */
     int cpu_kernel;    /* CPU GEMM kernel (l8_kernel) from LLMINT8_CPU_KERNEL or set_cpu_kernel; -1 = best */
-    char cpu_kernel_bad[32]; /* an LLMINT8_CPU_KERNEL naming no kernel: ValueError when a kernel is needed */
 } l8_state;
 
 typedef struct {
