@@ -539,22 +539,28 @@ namespace {
 
 __device__ __forceinline__ float round_h(float v) { return __half2float(__float2half_rn(v)); }
 
-/* Outlier activation of row i, entry o (fp16 value). */
+/* The outlier product keeps x's precision (linear_cpu.c): for float16 x the activations
+ * are fp16 and the dequantized weights of dynamic columns are rounded to fp16; for float32
+ * x both stay fp32 (an fp16 copy would turn a finite |x| > 65504 into inf). Known columns
+ * use their stored fp16 weights either way. */
+
+/* Outlier activation of row i, entry o: x's value. */
 __device__ __forceinline__ float outlier_x(const l8_outlier_ops &O, int64_t i, int o) {
-    if (o < O.ldo) return __half2float(O.xo[i * O.ldo + o]);
+    if (o < O.ldo) return O.xo[i * O.ldo + o];
     const int64_t col = O.ocol[o];
     return O.x_f16 ? __half2float(static_cast<const __half *>(O.x)[i * O.ldx + col])
-                   : round_h(static_cast<const float *>(O.x)[i * O.ldx + col]);
+                   : static_cast<const float *>(O.x)[i * O.ldx + col];
 }
 
-/* Outlier weight of output j, entry o (fp16 value). */
+/* Outlier weight of output j, entry o. */
 __device__ __forceinline__ float outlier_w(const l8_outlier_ops &O, int o, int64_t j, int64_t n) {
     const int src = O.osrc[o];
     if (src >= 0) return __half2float(O.wk[(int64_t)src * n + j]);
     const int d = -src - 1;
-    if (d < O.dcap) return __half2float(O.wd[(int64_t)d * n + j]);
+    if (d < O.dcap) return O.wd[(int64_t)d * n + j];
     const int64_t col = O.ocol[o];
-    return round_h(__fmul_rn((float)O.wq[j * O.ldw + col], __fdiv_rn(O.wscale[j], 127.0f)));
+    const float v = __fmul_rn((float)O.wq[j * O.ldw + col], __fdiv_rn(O.wscale[j], 127.0f));
+    return O.x_f16 ? round_h(v) : v;
 }
 
 /* linear_cpu.c's linear_epilogue, operation for operation. */

@@ -25,10 +25,10 @@ typedef struct {
     const int *counts;     /* device [total, dynamic]; NULL: no outlier terms */
     const int *ocol;       /* entry -> column */
     const int *osrc;       /* entry -> known position (>= 0) or -(dynamic slot + 1) */
-    const __half *xo;      /* (m, ldo) outlier activations, fp16, entries [0, ldo) */
+    const float *xo;       /* (m, ldo) outlier activations as x holds them, entries [0, ldo) */
     int64_t ldo;
     const __half *wk;      /* (n_known, n) the known columns' fp16 weights */
-    const __half *wd;      /* (dcap, n) the dynamic columns' dequantized weights */
+    const float *wd;       /* (dcap, n) the dynamic columns' dequantized weights (fp16 values for float16 x) */
     int dcap;
     const void *x;         /* the input (m, ldx) for entries >= ldo */
     int x_f16;

@@ -265,7 +265,7 @@ extern "C" int l8_cuda_linear_forward(const l8_layer *L, const void *x, l8_dtype
     const size_t o_fl = cv.take(any ? (size_t)(2 + k) * 4 : 0);
     const size_t o_oc = cv.take(any ? (size_t)k * 4 : 0), o_os = cv.take(any ? (size_t)k * 4 : 0),
                  o_dc = cv.take(any ? (size_t)k * 4 : 0);
-    const size_t o_xo = cv.take((size_t)(m * ldo) * 2), o_wd = cv.take((size_t)dcap * (size_t)n * 2);
+    const size_t o_xo = cv.take((size_t)(m * ldo) * 4), o_wd = cv.take((size_t)dcap * (size_t)n * 4);
     const int64_t mc = small ? 0 : chunk_rows(m, np);
     const size_t o_c = cv.take((size_t)(gemm_rows(mc) * np) * 4);
     if (l8_cuda_alloc((void **)&buf, cv.off, s, st) < 0) goto fail;
@@ -284,10 +284,10 @@ extern "C" int l8_cuda_linear_forward(const l8_layer *L, const void *x, l8_dtype
             ops.counts = ol.counts;
             ops.ocol = ol.ocol;
             ops.osrc = ol.osrc;
-            ops.xo = (const __half *)(buf + o_xo);
+            ops.xo = (const float *)(buf + o_xo);
             ops.ldo = ldo;
             ops.wk = c->wk;
-            ops.wd = (const __half *)(buf + o_wd);
+            ops.wd = (const float *)(buf + o_wd);
             ops.dcap = dcap;
             ops.x = x;
             ops.x_f16 = xt == L8_F16;
@@ -308,8 +308,8 @@ extern "C" int l8_cuda_linear_forward(const l8_layer *L, const void *x, l8_dtype
             if (any) {
                 L8_CUDA_CHECK(st, l8_outliers_compact_cuda(c->kflag, c->known_pos, k, &ol, s));
                 L8_CUDA_CHECK(st, l8_outliers_fix_cuda(x, xt, m, k, kp, L->threshold, c->kflag, &ol, xq, sx, rcol,
-                                                       (__half *)(buf + o_xo), ldo, c->wq, kp, c->wscale, n, dcap,
-                                                       (__half *)(buf + o_wd), s));
+                                                       (float *)(buf + o_xo), ldo, c->wq, kp, c->wscale, n, dcap,
+                                                       (float *)(buf + o_wd), s));
             }
             int32_t *C = (int32_t *)(buf + o_c);
             const size_t ys = l8_dtype_size(yt);

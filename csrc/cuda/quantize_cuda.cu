@@ -245,7 +245,7 @@ compact_kernel(const uint8_t *__restrict__ kflag, const int32_t *__restrict__ kn
 template <typename T, int VEC>
 __device__ void fix_row(const T *__restrict__ x, int64_t i, int64_t k, int64_t kp, float thr,
                         const uint8_t *__restrict__ kflag, unsigned *dflag, const int *counts, const int *ocol,
-                        int8_t *__restrict__ xq, float *__restrict__ sx, int rc, __half *__restrict__ xo, int64_t ldo) {
+                        int8_t *__restrict__ xq, float *__restrict__ sx, int rc, float *__restrict__ xo, int64_t ldo) {
     const T *xr = x + i * k;
     int8_t *qr = xq + i * kp;
     const int total = counts[0], ndyn = counts[1];
@@ -258,19 +258,20 @@ __device__ void fix_row(const T *__restrict__ x, int64_t i, int64_t k, int64_t k
         }
     }
     const int nx = (int64_t)total < ldo ? total : (int)ldo;
-    for (int o = threadIdx.x; o < nx; o += blockDim.x) xo[i * ldo + o] = __float2half_rn(to_f(xr[ocol[o]]));
+    for (int o = threadIdx.x; o < nx; o += blockDim.x) xo[i * ldo + o] = to_f(xr[ocol[o]]); /* x's own value */
 }
 
 /* The dequantized weight columns of the dynamic outliers (l8_outliers_fix_cuda): part b of
  * nb (a grid-stride loop over (slot, j) with the part's threads). */
 __device__ void dynamic_weights_part(const int8_t *__restrict__ wq, int64_t ldw, const float *__restrict__ wscale,
                                      int64_t n, const int *__restrict__ counts, const int *__restrict__ dcol, int dcap,
-                                     __half *__restrict__ wd, int64_t b, int64_t nb) {
+                                     float *__restrict__ wd, bool round16, int64_t b, int64_t nb) {
     const int nd = counts[1] < dcap ? counts[1] : dcap;
     const int64_t total = (int64_t)nd * n, stride = nb * blockDim.x;
     for (int64_t e = b * blockDim.x + threadIdx.x; e < total; e += stride) {
         const int64_t d = e / n, j = e % n, col = dcol[d];
-        wd[e] = __float2half_rn(__fmul_rn((float)wq[j * ldw + col], __fdiv_rn(wscale[j], 127.0f)));
+        const float v = __fmul_rn((float)wq[j * ldw + col], __fdiv_rn(wscale[j], 127.0f));
+        wd[e] = round16 ? __half2float(__float2half_rn(v)) : v;
     }
 }
 
@@ -280,11 +281,11 @@ __global__ void __launch_bounds__(QBLOCK)
 fix_kernel(const T *__restrict__ x, int64_t m, int64_t k, int64_t kp, float thr, const uint8_t *__restrict__ kflag,
            unsigned *dflag, const int *__restrict__ counts, const int *__restrict__ ocol,
            const int *__restrict__ dcol, int8_t *__restrict__ xq, float *__restrict__ sx,
-           const int *__restrict__ rcol, __half *__restrict__ xo, int64_t ldo, const int8_t *__restrict__ wq,
-           int64_t ldw, const float *__restrict__ wscale, int64_t n, int dcap, __half *__restrict__ wd, int64_t nwb) {
+           const int *__restrict__ rcol, float *__restrict__ xo, int64_t ldo, const int8_t *__restrict__ wq,
+           int64_t ldw, const float *__restrict__ wscale, int64_t n, int dcap, float *__restrict__ wd, int64_t nwb) {
     const int64_t b = blockIdx.x;
     if (b >= m) { /* uniform per block; no barrier below */
-        dynamic_weights_part(wq, ldw, wscale, n, counts, dcol, dcap, wd, b - m, nwb);
+        dynamic_weights_part(wq, ldw, wscale, n, counts, dcol, dcap, wd, sizeof(T) == 2, b - m, nwb);
         return;
     }
     fix_row<T, VEC>(x, b, k, kp, thr, kflag, dflag, counts, ocol, xq, sx, rcol[b], xo, ldo);
@@ -377,8 +378,8 @@ cudaError_t l8_outliers_compact_cuda(const uint8_t *kflag, const int32_t *known_
 
 cudaError_t l8_outliers_fix_cuda(const void *x, l8_dtype xt, int64_t m, int64_t k, int64_t kp, float threshold,
                                  const uint8_t *kflag, const l8_outlier_list *ol, int8_t *xq, float *sx,
-                                 const int *rcol, __half *xo, int64_t ldo, const int8_t *wq, int64_t ldw,
-                                 const float *wscale, int64_t n, int dcap, __half *wd, cudaStream_t s) {
+                                 const int *rcol, float *xo, int64_t ldo, const int8_t *wq, int64_t ldw,
+                                 const float *wscale, int64_t n, int dcap, float *wd, cudaStream_t s) {
     if (m == 0) return cudaSuccess;
     const bool f16 = xt == L8_F16;
     const int vec = f16 ? (vec_ok<__half>(x, k) ? 8 : 1) : (vec_ok<float>(x, k) ? 4 : 1);

@@ -46,15 +46,16 @@ cudaError_t l8_outliers_compact_cuda(const uint8_t *kflag, const int32_t *known_
 
 /* Pass 2, one block per row, touching only outlier columns: re-quantizes the rows whose
  * provisional scale came from a dynamic outlier column, zeroes the dynamic columns in
- * the other rows, and gathers x's outlier columns (rounded to fp16) into xo (m, ldo) for
+ * the other rows, and gathers x's outlier columns (x's values, in fp32) into xo (m, ldo) for
  * the first min(counts[0], ldo) entries.
- * In the same launch (extra blocks, when dcap > 0): wd (dcap, n) fp16, for the first
+ * In the same launch (extra blocks, when dcap > 0): wd (dcap, n) fp32, for the first
  * min(counts[1], dcap) dynamic slots the weight column dequantized as the CPU backend
- * does: f16(wq[j, col] * (wscale[j] / 127)), wq (n, ldw) int8. */
+ * does: wq[j, col] * (wscale[j] / 127), rounded to fp16 for float16 x (the outlier product
+ * keeps x's precision), wq (n, ldw) int8. */
 cudaError_t l8_outliers_fix_cuda(const void *x, l8_dtype xt, int64_t m, int64_t k, int64_t kp, float threshold,
                                  const uint8_t *kflag, const l8_outlier_list *ol, int8_t *xq, float *sx,
-                                 const int *rcol, __half *xo, int64_t ldo, const int8_t *wq, int64_t ldw,
-                                 const float *wscale, int64_t n, int dcap, __half *wd, cudaStream_t s);
+                                 const int *rcol, float *xo, int64_t ldo, const int8_t *wq, int64_t ldw,
+                                 const float *wscale, int64_t n, int dcap, float *wd, cudaStream_t s);
 
 /* Rows up to which l8_quantize_small_m_cuda serves (the GEMV path's m). */
 #define L8_CUDA_SMALL_M L8_CUDA_GEMV_MAX_M

@@ -38,7 +38,9 @@ typedef struct {
  * (errors.c, in both modules). */
 PyObject *l8_raise(const l8_status *st);
 
-/* The module state reached from an object's type (works for Python subclasses too). */
+/* The module (borrowed) that created tp or one of its bases, and its state (works for
+ * Python subclasses too); module.c. */
+PyObject *l8_module_of_type(PyTypeObject *tp);
 l8_state *l8_state_from_type(PyTypeObject *tp);
 
 #endif
