@@ -901,3 +901,22 @@ def test_forward_captured_in_a_cuda_graph_replays_on_new_input(m):
 def test_graph_capture_needs_an_explicit_stream():
     with pytest.raises(ValueError, match="legacy default stream"):
         _cuda._graph_capture(lambda: None)
+
+
+@gpu
+@pytest.mark.parametrize("m", [3, 40])
+def test_float32_outliers_beyond_fp16_range_match_cpu(m):
+    # float32 x keeps float32 in the outlier product: values past 65504 stay finite
+    k, n = 96, 64
+    rng = np.random.default_rng(m)
+    w = (rng.standard_normal((n, k)) * 0.1).astype(np.float32)
+    w[:, 30] *= 1e6  # a weight column beyond fp16's range, found as an outlier at run time below
+    cpu = llmint8.Int8Linear.from_float(w, threshold=6.0, outlier_columns=[4], device="cpu")
+    dev = llmint8.Int8Linear.from_float(w, threshold=6.0, outlier_columns=[4], device="cuda")
+    x = activations(m, k, n_outlier_cols=2, dtype=np.float32)
+    x[:, 10] = 1e5
+    x[0, 20] = -3e30
+    x[:, 30] = 8.0
+    y = dev.forward(lcuda.to_device(x)).numpy()
+    assert np.isfinite(y).all()
+    assert_same(y, cpu.forward(x))

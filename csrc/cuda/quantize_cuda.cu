@@ -200,39 +200,61 @@ quantize_x_kernel(const T *__restrict__ x, int64_t k, int64_t kp, int64_t mpad, 
         for (int64_t j = threadIdx.x; j < kp; j += blockDim.x) xq[r * kp + j] = 0;
 }
 
-/* The outlier list in ascending column order: an exclusive block scan of two flags at
- * once (total, dynamic) with warp ballots. Any block size up to 1024 threads. */
+/* The outlier list in ascending column order. Each thread takes a contiguous run of
+ * columns: it counts the run's flags (independent loads, in flight together), one
+ * block-wide exclusive scan of the two counts (total, dynamic) with warp shuffles places
+ * every run, and each thread writes its own. One scan for any k, where a scan per
+ * blockDim columns paid a few global-load latencies and barriers each time (measured on
+ * an H200: 11.8 us for k = 4096, ~35 us for k = 14336, one block). Any block size that is
+ * a whole number of warps, up to 1024 threads. dflag is read with plain loads: the
+ * single-block caller wrote it before its barrier. */
 __device__ void compact_block(const uint8_t *__restrict__ kflag, const int32_t *__restrict__ known_pos,
                               const unsigned *dflag, int64_t k, int *ocol, int *osrc, int *dcol, int *counts) {
     __shared__ int wtot[32], wdyn[32];
-    __shared__ int base_tot, base_dyn;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nw = blockDim.x / 32;
-    const unsigned lt = (1u << lane) - 1u;
-    if (threadIdx.x == 0) base_tot = base_dyn = 0;
-    __syncthreads();
-    for (int64_t j0 = 0; j0 < k; j0 += blockDim.x) {
-        const int64_t j = j0 + threadIdx.x;
-        const bool isk = j < k && kflag && kflag[j];
-        const bool isd = j < k && !isk && dflag && dflag[j] != 0u;
-        const unsigned bt = __ballot_sync(0xffffffffu, isk || isd), bd = __ballot_sync(0xffffffffu, isd);
-        if (lane == 0) { wtot[warp] = __popc(bt); wdyn[warp] = __popc(bd); }
-        __syncthreads();
-        int pt = 0, pd = 0, st = 0, sd = 0;
-        for (int w = 0; w < nw; w++) { /* nw <= 32: a short serial scan is enough */
-            if (w < warp) { pt += wtot[w]; pd += wdyn[w]; }
-            st += wtot[w]; sd += wdyn[w];
-        }
-        const int ot = base_tot + pt + __popc(bt & lt), od = base_dyn + pd + __popc(bd & lt);
-        if (isk || isd) {
-            ocol[ot] = (int)j;
-            osrc[ot] = isk ? known_pos[j] : -(od + 1);
-        }
-        if (isd) dcol[od] = (int)j;
-        __syncthreads(); /* everyone has read wtot/wdyn and the bases */
-        if (threadIdx.x == 0) { base_tot += st; base_dyn += sd; }
-        __syncthreads();
+    const int nthr = (int)blockDim.x, tid = (int)threadIdx.x, warp = tid / 32, lane = tid % 32, nw = nthr / 32;
+    const int64_t per = (k + nthr - 1) / nthr;
+    const int64_t j0 = (int64_t)tid * per, j1 = j0 + per < k ? j0 + per : k; /* empty when j0 >= k */
+    int ct = 0, cd = 0;
+#pragma unroll 4
+    for (int64_t j = j0; j < j1; j++) {
+        const unsigned kf = kflag ? kflag[j] : 0u, df = dflag ? dflag[j] : 0u;
+        ct += (kf | df) != 0u;
+        cd += kf == 0u && df != 0u;
     }
-    if (threadIdx.x == 0) { counts[0] = base_tot; counts[1] = base_dyn; }
+    /* inclusive scan within the warp, then over the warps' totals */
+    int it = ct, id = cd;
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+        const int a = __shfl_up_sync(0xffffffffu, it, off), b = __shfl_up_sync(0xffffffffu, id, off);
+        if (lane >= off) { it += a; id += b; }
+    }
+    if (lane == 31) { wtot[warp] = it; wdyn[warp] = id; }
+    __syncthreads();
+    if (warp == 0) {
+        int vt = lane < nw ? wtot[lane] : 0, vd = lane < nw ? wdyn[lane] : 0;
+#pragma unroll
+        for (int off = 1; off < 32; off <<= 1) {
+            const int a = __shfl_up_sync(0xffffffffu, vt, off), b = __shfl_up_sync(0xffffffffu, vd, off);
+            if (lane >= off) { vt += a; vd += b; }
+        }
+        __syncwarp();
+        if (lane < nw) { wtot[lane] = vt; wdyn[lane] = vd; } /* through warp `lane`, inclusive */
+    }
+    __syncthreads();
+    int ot = (warp > 0 ? wtot[warp - 1] : 0) + it - ct; /* this run's first entry and dynamic slot */
+    int od = (warp > 0 ? wdyn[warp - 1] : 0) + id - cd;
+    for (int64_t j = j0; j < j1; j++) {
+        const unsigned kf = kflag ? kflag[j] : 0u, df = dflag ? dflag[j] : 0u;
+        if (kf != 0u) {
+            ocol[ot] = (int)j;
+            osrc[ot++] = known_pos[j];
+        } else if (df != 0u) {
+            ocol[ot] = (int)j;
+            osrc[ot++] = -(od + 1);
+            dcol[od++] = (int)j;
+        }
+    }
+    if (tid == 0) { counts[0] = wtot[nw - 1]; counts[1] = wdyn[nw - 1]; }
 }
 
 __global__ void __launch_bounds__(CBLOCK)
