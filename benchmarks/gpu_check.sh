@@ -2,7 +2,7 @@
 # One command for a machine with a GPU: build llmint8 for that GPU, run the CUDA tests and
 # the backend-parametrized suites on cuda, compute-sanitizer (memcheck, racecheck,
 # initcheck) on a short program that walks every CUDA path, the CUDA-graph capture check,
-# and the GPU benchmark. Logs go to $OUT when set, else ./gpu-check-logs; the last lines
+# the GPU benchmark and a kernel-level profile of the forward (ncu). Logs go to $OUT when set, else ./gpu-check-logs; the last lines
 # printed are a one-screen summary. Budget: under 8 minutes on an H100/H200.
 #
 #   bash benchmarks/gpu_check.sh            # everything
@@ -10,8 +10,8 @@
 #
 # Exit status 0 when every phase passed.
 # Environment: PYTHON (default python3), LLMINT8_CUDA_ARCHS (default: the GPU's own,
-# read from nvidia-smi, else 90), GPU_CHECK_SKIP (phases to leave out: build tests
-# sanitize graph bench).
+# read from nvidia-smi, else 90), GPU_CHECK_SKIP (phases to leave out, by name: build
+# tests smoke graph memcheck racecheck initcheck bench profile).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # under $OUT (which takes a few files only): summary.txt, bench.log, tests.log and all the
@@ -82,18 +82,7 @@ else
 fi
 phase bench 180 $PY benchmarks/bench_linear.py --iters 50
 # where a forward's GPU time goes, kernel by kernel (Nsight Compute, clocks left alone)
-NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -n 1)
-if [[ -n $NCU ]]; then
-    profile() {
-        for case in "4096x4096 1" "14336x4096 1" "4096x4096 128" "4096x4096 2048"; do
-            set -- $case
-            echo "### $1, $2 tokens"
-            "$NCU" --clock-control none --metrics gpu__time_duration.sum --print-summary per-kernel \
-                $PY benchmarks/gpu_profile.py --shape "$1" --tokens "$2" 2>&1 | grep -vE "^==PROF==|^\s*$" || return 1
-        done
-    }
-    phase profile 150 profile
-fi
+phase profile 150 bash benchmarks/gpu_profile.sh
 
 echo
 echo "=============== gpu_check summary ($(date -u +%FT%TZ), logs in $LOG)"
@@ -103,6 +92,6 @@ echo "--- bench (benchmarks/bench_linear.py)"
 grep -B 2 -A 40 -- "-----" "$LOG/bench.log" 2>/dev/null | head -n 40
 if [[ -n ${OUT:-} ]]; then
     tar -czf "$OUT/logs.tgz" -C "$LOG" .
-    cp "$SUMMARY" "$LOG/bench.log" "$LOG/tests.log" "$OUT/" 2>/dev/null
+    cp "$SUMMARY" "$LOG/bench.log" "$LOG/tests.log" "$LOG/profile.log" "$OUT/" 2>/dev/null
 fi
 ! grep -qE "FAILED|TIMEOUT" "$SUMMARY"

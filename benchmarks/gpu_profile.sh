@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Kernel-level GPU time of Int8Linear forwards (Nsight Compute, clocks left as they are):
+# one ncu run per case, each printing the time of every kernel a forward launches, at
+# threshold 6 and 0 (benchmarks/gpu_profile.py). Needs ncu (CUDA toolkit) and a GPU.
+#   bash benchmarks/gpu_profile.sh ["4096x4096 128" ...]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+NCU=${NCU:-$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -n 1)}
+[[ -n $NCU ]] || { echo "gpu_profile: ncu not found"; exit 1; }
+cases=("$@")
+((${#cases[@]})) || cases=("4096x4096 1" "14336x4096 1" "4096x4096 128" "4096x4096 2048")
+for c in "${cases[@]}"; do
+    set -- $c
+    echo "### $1, $2 tokens"
+    "$NCU" --clock-control none --metrics gpu__time_duration.sum --print-summary per-kernel \
+        "$PY" benchmarks/gpu_profile.py --shape "$1" --tokens "$2" 2>&1 \
+        | grep -E "gpu_profile:|\(.*\)x\(|gpu__time_duration" || exit 1
+done
