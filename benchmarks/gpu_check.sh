@@ -2,11 +2,12 @@
 # One command for a machine with a GPU: build llmint8 for that GPU, run the CUDA tests and
 # the backend-parametrized suites on cuda, compute-sanitizer (memcheck, racecheck,
 # initcheck) on a short program that walks every CUDA path, the CUDA-graph capture check,
-# the GPU benchmark and a kernel-level profile of the forward (ncu). Logs go to $OUT when set, else ./gpu-check-logs; the last lines
-# printed are a one-screen summary. Budget: under 8 minutes on an H100/H200.
+# the GPU benchmark and a kernel-level profile of the forward (ncu). Logs go to $OUT when
+# set, else ./gpu-check-logs; the last lines printed are a one-screen summary. Budget:
+# under 8 minutes on an H100/H200 (seen: about 2 minutes on an H200, 2026-11-30).
 #
 #   bash benchmarks/gpu_check.sh            # everything
-#   GPU_CHECK_SKIP="bench sanitize" bash benchmarks/gpu_check.sh
+#   GPU_CHECK_SKIP="bench profile" bash benchmarks/gpu_check.sh
 #
 # Exit status 0 when every phase passed.
 # Environment: PYTHON (default python3), LLMINT8_CUDA_ARCHS (default: the GPU's own,
