@@ -17,8 +17,8 @@ DEFAULT_METHODS = "fp16,llm.int8,vectorwise,rowwise,absmax,zeropoint"
 DEFAULT_MAX_TOKENS = 4096
 # Rough cost of each method relative to the float forward, for the time estimate printed before
 # starting (measured on stories260K, SmolLM2-135M and Gemma 3 270M; see benchmarks/bench_models.py).
-_COST = {"float": 1.0, "fp16": 1.2, "llm.int8": 1.5, "vectorwise": 1.3, "rowwise": 2.0, "absmax": 2.0,
-         "zeropoint": 2.5}
+_COST = {"float": 1.0, "fp16": 1.2, "llm.int8": 1.2, "vectorwise": 1.1, "rowwise": 1.5, "absmax": 1.5,
+         "zeropoint": 1.7}
 
 
 def _max_tokens(s: str):
