@@ -61,6 +61,13 @@ def test_fused_model_hooks_see_and_change_each_input(stories):
     assert not np.array_equal(a, stories.quantize("llm.int8").forward(tokens))  # the hook had an effect
 
 
+def test_fuse_false_builds_separate_layers(stories):
+    q = stories.quantize("llm.int8", fuse=False)
+    assert q._fused == {} and all(isinstance(x, Int8LinearLayer) for x in q.linears.values())
+    tokens = np.arange(3, 40)[None]
+    assert np.array_equal(q.forward(tokens), stories.quantize("llm.int8").forward(tokens))
+
+
 def test_calibrated_layers_stay_separate(stories):
     tokens = np.arange(3, 60)
     q = stories.quantize("llm.int8", calibration_tokens=tokens)

@@ -20,7 +20,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-__all__ = ["Model", "METHODS", "FloatLinear", "Fp16Linear", "Int8LinearLayer", "MatmulLinear"]
+__all__ = ["Model", "METHODS", "FloatLinear", "Fp16Linear", "Int8LinearLayer", "MatmulLinear", "FusedLinear"]
 
 METHODS = ("float", "fp16", "llm.int8", "vectorwise", "rowwise", "absmax", "zeropoint")
 
@@ -406,7 +406,7 @@ class Model:
     # -------------------------------------------------------------- quantization
 
     def quantize(self, method: str = "llm.int8", threshold: float = 6.0, device: str | None = "cpu",
-                 calibration_tokens=None) -> "Model":
+                 calibration_tokens=None, fuse: bool = True) -> "Model":
         """Return a new model whose linear layers use ``method`` (one of :data:`METHODS`); the
         embeddings, norms and the tokenizer are shared with this model, which is left unchanged.
 
@@ -414,7 +414,13 @@ class Model:
         model and fixes each layer's outlier columns to those where any |input| >= threshold
         (:func:`llmint8.find_outlier_columns`); without it Int8Linear finds them per call.
         ``device`` ("cpu", "cuda", or None for the best available) applies to llm.int8 and vectorwise
-        layers; absmax, rowwise and zeropoint run on the CPU through :func:`llmint8.matmul`."""
+        layers; absmax, rowwise and zeropoint run on the CPU through :func:`llmint8.matmul`.
+
+        With ``fuse`` (default), llm.int8 and vectorwise layers that read the same input (attention
+        q/k/v; gate/up of a gated MLP) are built as one :class:`FusedLinear` (one quantization of
+        the input, one GEMM, identical results); ``model.linears[name]`` is then a view of its part
+        and ``model._fused`` maps the group's first name to the fused layer. Layers calibrated with
+        ``calibration_tokens`` keep their own outlier columns and are never fused."""
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
         outliers = None
@@ -422,7 +428,7 @@ class Model:
             outliers = self.calibrate(calibration_tokens, threshold)
         linears = {}
         fused = {}
-        if method in ("llm.int8", "vectorwise") and outliers is None:
+        if fuse and method in ("llm.int8", "vectorwise") and outliers is None:
             # layers reading the same input become one layer (one quantization of x, one GEMM);
             # with calibrated outlier columns each layer keeps its own, so they stay separate
             thr = threshold if method == "llm.int8" else 0.0
