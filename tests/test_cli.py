@@ -71,6 +71,8 @@ def _one_line_error(capsys, rc, expected_rc, *words):
     (["perplexity", "--model", "stories260K", "--text", __file__, "--max-tokens", "-3"], ("--max-tokens",)),
     (["perplexity", "--model", "stories260K", "--text", __file__, "--max-tokens", "lots"], ("--max-tokens",)),
     (["perplexity", "--model", "nonexistent-model", "--text", __file__], ("neither an existing path",)),
+    (["perplexity", "--model", "stories260K", "--text", __file__, "--threshold", "-1"], ("--threshold",)),
+    (["perplexity", "--model", "stories260K", "--text", __file__, "--threshold", "nan"], ("--threshold",)),
     (["perplexity", "--text", __file__], ("--model",)),
     (["analyze", "--ppl-context", "1"], ("--ppl-context",)),
     (["analyze", "--out", __file__], ("--out", "not a folder")),
@@ -79,6 +81,13 @@ def _one_line_error(capsys, rc, expected_rc, *words):
 ])
 def test_usage_errors_come_before_any_work(argv, words, capsys, no_work):
     _one_line_error(capsys, cli.main(argv), 2, *words)
+
+
+def test_cuda_device_without_cuda_is_a_usage_error(capsys, no_work):
+    if llmint8.cuda_available():
+        pytest.skip("CUDA is available here")
+    rc = cli.main(["perplexity", "--model", "stories260K", "--text", __file__, "--device", "cuda"])
+    _one_line_error(capsys, rc, 2, "--device cuda")
 
 
 def test_empty_text_is_a_usage_error(tmp_path, capsys, no_work):

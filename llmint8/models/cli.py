@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -106,6 +107,14 @@ def _perplexity_command(argv: list[str]) -> int:
     if args.context < 2 or not 1 <= args.stride <= args.context:
         raise UsageError(f"expected --context >= 2 and 1 <= --stride <= --context, got --context {args.context} "
                          f"--stride {args.stride}")
+    if not (math.isfinite(args.threshold) and args.threshold >= 0):
+        raise UsageError(f"--threshold must be a finite number >= 0, got {args.threshold}")
+    if args.device == "cuda" and any(m in ("llm.int8", "vectorwise") for m in methods):
+        import llmint8
+
+        if not llmint8.cuda_available():
+            raise UsageError("--device cuda: the CUDA backend is not available here (built without CUDA, or no "
+                             "GPU/driver); use --device cpu")
     check_input_file(args.text, "text file")
     if args.json:
         check_output_file(args.json, "--json file")
