@@ -2,12 +2,12 @@
 on one paper-like layer (normal activations, 0.1% outlier feature columns x20-30)."""
 from __future__ import annotations
 
-import argparse
 import time
 
 import numpy as np
 
 from . import _C
+from ._cli import ArgumentParser, UsageError, run_command
 from .backends import backends, build_info, get_num_threads
 from .linear import Int8Linear
 from .quant import METHODS, find_outlier_columns, matmul, relative_error
@@ -86,7 +86,12 @@ def run(size=4096, tokens=(1, 32, 512), repeat=5, seed=0):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m llmint8 demo", description=__doc__)
+    """Entry point of ``python -m llmint8 demo``; returns the exit code (2 for a bad argument)."""
+    return run_command("python -m llmint8 demo", _demo_command, [] if argv is None else argv)
+
+
+def _demo_command(argv):
+    p = ArgumentParser(prog="python -m llmint8 demo", description=__doc__)
     p.add_argument("--size", type=int, default=4096, help="layer in = out features (default 4096)")
     p.add_argument("--tokens", default="1,32,512", help="comma-separated token counts (default 1,32,512)")
     p.add_argument("--repeat", type=int, default=5, help="timed repetitions per point (default 5)")
@@ -96,7 +101,8 @@ def main(argv=None):
         if a.size < 1 or a.repeat < 1 or min(tokens) < 1:
             raise ValueError
     except ValueError:
-        p.error("--size, --repeat and --tokens need positive integers")
+        raise UsageError(f"--size, --repeat and --tokens need positive integers, got --size {a.size} "
+                         f"--repeat {a.repeat} --tokens {a.tokens!r}") from None
     run(a.size, tokens, a.repeat)
     return 0
 

@@ -256,3 +256,32 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert rc == 2
     rc = cli.analyze_main(["--min-layer-share", "2"])
     assert rc == 2
+
+
+def test_plot_emergence_perplexity_axis_has_several_ticks(model, tokens):
+    """(b) by perplexity: the reversed log axis shows several labelled ticks, not one power of ten."""
+    from llmint8.analysis import plots
+
+    r = analyze_model(model, tokens, seq_len=32, progress=False)
+    rec = plots.model_record("tiny", 1000, r.summary, ppl=17.0)
+    fig = plots.plot_emergence([rec])
+    ax = fig.axes[1]
+    fig.canvas.draw()
+    lo, hi = sorted(ax.get_xlim())
+    shown = [t for t in ax.get_xticks() if lo <= t <= hi]
+    labels = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
+    assert ax.get_xlim()[0] > ax.get_xlim()[1]  # reversed
+    assert len(shown) >= 3 and len(labels) >= 3, (shown, labels)
+
+
+def test_plot_zeroing_labels_sit_above_error_bars(model, tokens):
+    from llmint8.analysis import plots
+
+    z = zeroing_experiment(model, tokens, [TinyModel.OUT], seeds=(0, 1, 2), seq_len=32,
+                           perplexity_fn=tiny_perplexity)
+    fig = plots.plot_zeroing(z)
+    for ax, key in zip(fig.axes[:2], ("top1", "ppl")):
+        rnd = [getattr(r, key) for r in z.random]
+        notes = [a for a in ax.texts if a.get_text() == f"{np.mean(rnd):.3g}"]
+        assert notes, [a.get_text() for a in ax.texts]
+        assert notes[-1].xy[1] >= max(rnd) - 1e-12  # anchored at the top of the min-max bar

@@ -150,7 +150,7 @@ def test_cli_table_and_json(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv,msg", [
     (["--model", "no-such-model", "--text", __file__], "neither an existing path nor a zoo model"),
-    (["--model", "stories260K", "--text", "/no/such/file.txt"], "not found"),
+    (["--model", "stories260K", "--text", "/no/such/file.txt"], "does not exist"),
     (["--model", "stories260K", "--text", __file__, "--methods", "int4"], "unknown method"),
     (["--model", "stories260K", "--text", __file__, "--stride", "0"], "stride"),
 ])
@@ -163,7 +163,7 @@ def test_cli_errors(argv, msg, capsys):
 def test_cli_bad_model_file(tmp_path, capsys):
     p = tmp_path / "broken.gguf"
     p.write_bytes(b"GGUF" + b"\0" * 10)
-    assert perplexity_main(["--model", str(p), "--text", __file__]) == 2
+    assert perplexity_main(["--model", str(p), "--text", __file__]) == 1  # a failure, not a usage error
     assert "too short" in capsys.readouterr().err
 
 

@@ -15,10 +15,10 @@ NB_DIR = ROOT / "notebooks"
 STORIES = ROOT.parent / "shared" / "data" / "models" / "stories260K" / "stories260K.bin"
 WIKI = ROOT.parent / "shared" / "data" / "text" / "wikitext2_test.txt"
 
-pytest.importorskip("nbclient", reason="nbclient is not installed (pip install llmint8[analysis])")
-pytest.importorskip("nbformat", reason="nbformat is not installed (pip install llmint8[analysis])")
-pytest.importorskip("ipykernel", reason="ipykernel is not installed (pip install llmint8[analysis])")
-pytest.importorskip("matplotlib", reason="matplotlib is not installed (pip install llmint8[analysis])")
+pytest.importorskip("nbclient", reason="nbclient is not installed (pip install llmint8[notebooks])")
+pytest.importorskip("nbformat", reason="nbformat is not installed (pip install llmint8[notebooks])")
+pytest.importorskip("ipykernel", reason="ipykernel is not installed (pip install llmint8[notebooks])")
+pytest.importorskip("matplotlib", reason="matplotlib is not installed (pip install llmint8[notebooks])")
 if not STORIES.exists() or not WIKI.exists():
     pytest.skip(f"shared model/text data not found beside the repository ({STORIES.parent.parent.parent})",
                 allow_module_level=True)

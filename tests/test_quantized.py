@@ -154,8 +154,8 @@ def test_roundtrip_smollm2_when_cached(tmp_path):
     assert np.array_equal(got, q(toks))
     # the linear layers in about half their fp16 bytes; the tied embedding (dequantized from the
     # GGUF file, not exactly fp16/bf16) is kept as float32 so that the logits stay bit-identical
-    lin = sum(layer.layer.out_features * layer.layer.in_features for layer in q.linears.values())
-    scales = sum(layer.layer.out_features * 4 for layer in q.linears.values())
+    lin = sum(layer.out_features * layer.in_features for layer in q.linears.values())
+    scales = sum(layer.out_features * 4 for layer in q.linears.values())
     other = sum(a.nbytes for k, a in m.weights.items()
                 if k.rsplit(".", 1)[0] not in q.linear_names and k != "lm_head.weight")
     size = (tmp_path / "s" / "model.safetensors").stat().st_size
@@ -351,3 +351,13 @@ def test_cli_analyze_accepts_saved_folder(stories, tmp_path, capsys):
     report = json.loads((tmp_path / "an" / "report.json").read_text())
     assert report["n_tokens"] == 64 and report["model"]["name"] == "stories260K"
     assert np.isfinite(report["perplexity"]["ppl"])
+
+
+def test_roundtrip_of_a_fused_model_is_bit_identical(stories, tmp_path):
+    # without calibration q/k/v and gate/up are fused into one layer each; saving writes each
+    # part as its own layer (its rows), and the loaded model computes the same logits
+    q = stories.quantize("llm.int8", threshold=6.0)
+    assert q._fused, "expected fused layers without calibration"
+    save_quantized(q, tmp_path / "f")
+    toks = np.array([[1, 403, 407, 261, 378, 2]])
+    assert np.array_equal(_logits_in_fresh_process(tmp_path / "f", toks, tmp_path), q(toks))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import pathlib
 import sys
 import time
@@ -17,28 +18,39 @@ import numpy as np
 
 from .outliers import DEFAULT_MIN_LAYER_SHARE, DEFAULT_MIN_POSITION_SHARE, DEFAULT_THRESHOLD
 
+from .._cli import ArgumentParser, CommandError, UsageError, check_input_file, check_output_dir, require_module
+from .._cli import run_command
+
+PROG = "python -m llmint8 analyze"
 DEFAULT_MODEL = "stories260K"
 DEFAULT_OUT = "llmint8-analysis"
-_REPO = pathlib.Path(__file__).resolve().parents[2]
-
-
-class _UsageError(Exception):
-    pass
+_DEFAULT_TEXT = ("text", "wikitext2_test.txt")
 
 
 def shared_data_dir() -> pathlib.Path | None:
-    """The shared data folder that sits beside the repository checkout, if present."""
-    for base in (_REPO.parent / "shared" / "data", pathlib.Path.cwd().parent / "shared" / "data"):
-        if base.is_dir():
-            return base
-    return None
+    """The shared data folder, resolved as for the models (:func:`llmint8.models.zoo.data_dir`):
+    ``$LLMINT8_DATA``, else ``../shared/data`` beside the checkout or the current directory."""
+    from llmint8.models import zoo
+
+    d = zoo.data_dir()
+    return pathlib.Path(d) if d else None
 
 
 def default_text() -> pathlib.Path | None:
+    """The shared WikiText-2 test split, if the shared data folder holds it."""
     d = shared_data_dir()
-    if d is not None and (d / "text" / "wikitext2_test.txt").is_file():
-        return d / "text" / "wikitext2_test.txt"
+    if d is not None and (d.joinpath(*_DEFAULT_TEXT)).is_file():
+        return d.joinpath(*_DEFAULT_TEXT)
     return None
+
+
+def _where_looked() -> str:
+    from llmint8.models import zoo
+
+    env = os.environ.get("LLMINT8_DATA")
+    if env:
+        return f"$LLMINT8_DATA={env}"
+    return ", ".join(zoo.data_dir_candidates()) + " (set LLMINT8_DATA to choose the folder)"
 
 
 def _load(spec: str):
@@ -74,8 +86,8 @@ def _positive_float(s: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m llmint8 analyze",
+    p = ArgumentParser(
+        prog=PROG,
         description="Find outlier features (LLM.int8() paper, Section 4) in a model's projection inputs, "
                     "measure the effect of zeroing them, and plot the results.",
     )
@@ -108,11 +120,6 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--ppl-context", type=int, default=256, help="perplexity window (default 256)")
     z.add_argument("--ppl-stride", type=int, default=128, help="perplexity stride (default 128)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-    def error(message):
-        raise _UsageError(message)
-
-    p.error = error  # one-line errors instead of argparse's usage dump
     return p
 
 
@@ -129,42 +136,45 @@ def _jsonable(v):
 
 
 def analyze_main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the exit status (0 ok, 2 on any error)."""
-    try:
-        args = build_parser().parse_args(argv)
-    except _UsageError as e:
-        print(f"python -m llmint8 analyze: error: {e}", file=sys.stderr)
-        return 2
-    except SystemExit as e:  # --help
-        return int(e.code or 0)
-    try:
-        return _run(args)
-    except _UsageError as e:
-        print(f"python -m llmint8 analyze: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("python -m llmint8 analyze: interrupted", file=sys.stderr)
-        return 2
+    """Run the command line; returns the exit status (0 ok, 2 for a bad argument, 1 for a failure
+    while running; every error is one line on stderr)."""
+    return run_command(PROG, _analyze_command, sys.argv[1:] if argv is None else argv)
+
+
+def _analyze_command(argv: list[str]) -> int:
+    return _run(build_parser().parse_args(argv))
 
 
 def _run(args) -> int:
     from .experiments import analyze_model, tokenize_text, zeroing_experiment
 
     if args.tokens < 2:
-        raise _UsageError(f"--tokens must be at least 2, got {args.tokens}")
+        raise UsageError(f"--tokens must be at least 2, got {args.tokens}")
     if args.seq_len is not None and args.seq_len < 1:
-        raise _UsageError(f"--seq-len must be positive, got {args.seq_len}")
+        raise UsageError(f"--seq-len must be positive, got {args.seq_len}")
     if args.seeds < 0 or args.zero_top < 0:
-        raise _UsageError("--seeds and --zero-top must be >= 0")
-    text_path = pathlib.Path(args.text) if args.text else default_text()
-    if text_path is None:
-        raise _UsageError("no text to analyse: pass --text FILE (the shared WikiText-2 file was not found)")
-    if not text_path.is_file():
-        raise _UsageError(f"text file not found: {text_path}")
+        raise UsageError("--seeds and --zero-top must be >= 0")
+    if args.ppl_context < 2 or not 1 <= args.ppl_stride <= args.ppl_context:
+        raise UsageError(f"expected --ppl-context >= 2 and 1 <= --ppl-stride <= --ppl-context, got "
+                         f"--ppl-context {args.ppl_context} --ppl-stride {args.ppl_stride}")
+    # everything that can fail without computing is checked first: inputs, outputs, dependencies
+    if args.text:
+        text_path = pathlib.Path(check_input_file(args.text, "text file"))
+    else:
+        text_path = default_text()
+        if text_path is None:
+            raise UsageError(f"no text to analyse: pass --text FILE (the shared WikiText-2 file "
+                             f"{'/'.join(_DEFAULT_TEXT)} was not found; looked in {_where_looked()})")
+    check_output_dir(args.out, "--out folder")
+    require_module("matplotlib", "analysis", "the plots")
+    if not args.no_progress:
+        require_module("tqdm", "analysis", "the progress bars (or pass --no-progress)")
     try:
         text = text_path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise _UsageError(f"cannot read {text_path}: {e}") from None
+        raise UsageError(f"cannot read {text_path}: {e}") from None
+    if not text.strip():
+        raise UsageError(f"text file {str(text_path)!r} holds no text")
     progress = not args.no_progress
 
     t0 = time.time()
@@ -172,14 +182,17 @@ def _run(args) -> int:
         model = _load(args.model)
     except Exception as e:  # noqa: BLE001 - any loader failure becomes one line
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        hint = ("; pass --model PATH to a checkpoint (llama2.c .bin, GGUF or safetensors) or a zoo name, "
-                "or place the shared data beside the repository (../shared/data/models/stories260K/)")
-        raise _UsageError(f"cannot load model {args.model!r}: {msg}{hint}") from None
+        hint = ""
+        if args.model == DEFAULT_MODEL:
+            hint = (f"; pass --model PATH to a checkpoint (llama2.c .bin, GGUF or safetensors) or a zoo name "
+                    f"such as smollm2-135m, or set LLMINT8_DATA to the shared data folder (looked in "
+                    f"{_where_looked()})")
+        raise CommandError(f"cannot load model {args.model!r}: {msg}{hint}") from None
     name = getattr(model, "name", str(args.model))
     try:
         tokens = tokenize_text(model, text, args.tokens)
     except ValueError as e:
-        raise _UsageError(str(e)) from None
+        raise CommandError(str(e)) from None
 
     try:
         res = analyze_model(model, tokens, seq_len=args.seq_len, threshold=args.threshold,
@@ -187,7 +200,7 @@ def _run(args) -> int:
                             position_aggregation=args.position_aggregation, group_by=args.group_by,
                             progress=progress)
     except ValueError as e:
-        raise _UsageError(str(e)) from None
+        raise CommandError(str(e)) from None
     s = res.summary
     ppl_fn = _perplexity_fn()
     ppl = ppl_fn(model, tokens, context=args.ppl_context, stride=args.ppl_stride, progress=progress)
@@ -222,7 +235,7 @@ def _run(args) -> int:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise _UsageError(f"cannot create {out}: {e}") from None
+        raise CommandError(f"cannot create {out}: {e}") from None
     from . import plots
     from .paper import PAPER_SOURCE, PAPER_TABLE4
 

@@ -82,9 +82,12 @@ def plot_emergence(records: Sequence[dict], *, paper: bool = True, text_name: st
         ax.set_xscale("log")
         if xkey == "ppl":
             ax.invert_xaxis()  # lower perplexity to the right, as in the paper
-            from matplotlib.ticker import NullFormatter, ScalarFormatter
+            from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
-            ax.xaxis.set_major_formatter(ScalarFormatter())
+            # perplexities span less than a decade or two: ticks at 1, 2 and 5 x 10^k, so that the
+            # reversed axis shows several labelled values rather than a single power of ten
+            ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
             ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel(xlabel)
         ax.set_ylabel("% affected by outlier features")
@@ -198,8 +201,10 @@ def plot_zeroing(result: Any, *, title: str = "", path: str | None = None):
         ax.set_ylabel(ylab)
         for i, v in enumerate(vals):
             if np.isfinite(v):
-                ax.annotate(f"{v:.3g}", (i, v), ha="center", va="bottom", fontsize=8,
-                            textcoords="offset points", xytext=(0, 3))
+                # above the error bar's cap, not under it
+                top = v + (err[1][i] if err is not None and np.isfinite(err[1][i]) else 0.0)
+                ax.annotate(f"{v:.3g}", (i, top), ha="center", va="bottom", fontsize=8,
+                            textcoords="offset points", xytext=(0, 5 if err is not None and i == 2 else 3))
         ax.grid(alpha=0.3, axis="y")
     fig.suptitle(title or "Zeroing features before the attention projections")
     fig.tight_layout()

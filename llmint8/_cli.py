@@ -1,0 +1,158 @@
+"""Shared plumbing of the ``python -m llmint8`` subcommands: one-line errors and exit codes.
+
+Every subcommand is a function ``main(argv: list[str]) -> int`` wrapped by :func:`run_command`:
+
+- exit 0: success;
+- exit 2: a usage error, found before any work starts: an unknown option or value, a number out
+  of range, an input file that is missing or not a regular file, an output path that cannot be
+  written (raise :class:`UsageError`, or let :class:`ArgumentParser` do it);
+- exit 1: a failure while running: a model that does not load, a missing optional dependency,
+  a computation that raises (raise :class:`CommandError`; any other exception is reported the
+  same way, as one line, without a traceback).
+
+Every error is printed as one line on stderr, ``python -m llmint8 NAME: error: MESSAGE``.
+``LLMINT8_TRACEBACK=1`` re-raises unexpected exceptions instead, for debugging.
+
+Checks that a subcommand should run before computing anything: :func:`require_module` (an
+optional dependency, naming the extra that installs it), :func:`check_input_file`,
+:func:`check_output_file` and :func:`check_output_dir`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+from typing import Callable, Sequence
+
+__all__ = ["UsageError", "CommandError", "ArgumentParser", "run_command", "require_module",
+           "check_input_file", "check_output_file", "check_output_dir", "positive_int"]
+
+
+class CommandError(Exception):
+    """A failure of a subcommand: exit code 1, the message printed as one line."""
+
+    exit_code = 1
+
+
+class UsageError(CommandError):
+    """A bad argument, detected before any work: exit code 2."""
+
+    exit_code = 2
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` that raises :class:`UsageError` (one line) instead of printing
+    the usage block and calling ``sys.exit(2)``. ``--help`` still prints and exits 0."""
+
+    def error(self, message):  # noqa: D102 - argparse hook
+        raise UsageError(message)
+
+
+def _one_line(e: BaseException) -> str:
+    msg = " ".join(str(e).split()) if str(e) else ""
+    if isinstance(e, CommandError):
+        return msg or type(e).__name__
+    # unexpected exception types: name them, the message alone may not say what failed
+    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError)) and e.filename:
+        return f"{e.strerror or type(e).__name__}: {e.filename}"
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+def run_command(prog: str, fn: Callable[[list], int], argv: Sequence[str]) -> int:
+    """Call ``fn(list(argv))`` and turn every error into one stderr line and an exit code
+    (see the module docstring). ``prog`` names the command in the messages."""
+    try:
+        rc = fn(list(argv))
+        return 0 if rc is None else int(rc)
+    except SystemExit as e:  # argparse's --help / --version, or a deliberate exit
+        code = e.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except CommandError as e:
+        print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
+        return e.exit_code
+    except Exception as e:  # noqa: BLE001 - the command line never shows a traceback
+        if os.environ.get("LLMINT8_TRACEBACK"):
+            raise
+        print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+
+
+def require_module(module: str, extra: str, purpose: str) -> None:
+    """Raise :class:`CommandError` naming the extra to install when ``module`` cannot be imported;
+    call it before starting work that will need the module."""
+    try:
+        missing = sys.modules[module] is None if module in sys.modules else importlib.util.find_spec(module) is None
+    except (ImportError, ValueError):
+        missing = True
+    if missing:
+        raise CommandError(f"{purpose} needs the Python package {module!r}, which is not installed; "
+                           f"install it with: pip install 'llmint8[{extra}]'")
+
+
+def check_input_file(path: str, what: str = "input file") -> str:
+    """Return ``path`` if it names a readable regular file; else raise :class:`UsageError`
+    saying what is wrong (missing, a folder, a device such as /dev/null, unreadable)."""
+    if not os.path.exists(path):
+        raise UsageError(f"{what} {path!r} does not exist")
+    if os.path.isdir(path):
+        raise UsageError(f"{what} {path!r} is a folder; expected a file")
+    if not os.path.isfile(path):
+        raise UsageError(f"{what} {path!r} is not a regular file (a device, pipe or socket); expected a text file")
+    if not os.access(path, os.R_OK):
+        raise UsageError(f"{what} {path!r} is not readable")
+    return path
+
+
+def _writable_parent(path: str, what: str) -> None:
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UsageError(f"{what} {path!r}: folder {parent!r} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{what} {path!r}: folder {parent!r} is not writable")
+
+
+def check_output_file(path: str, what: str = "output file") -> str:
+    """Return ``path`` if a file can be written there (its folder exists and is writable; an
+    existing file is replaced, a folder is refused); else raise :class:`UsageError`."""
+    if os.path.isdir(path):
+        raise UsageError(f"{what} {path!r} is a folder; expected a file name")
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise UsageError(f"{what} {path!r} exists and is not writable")
+    _writable_parent(path, what)
+    return path
+
+
+def check_output_dir(path: str, what: str = "output folder") -> str:
+    """Return ``path`` if it is a writable folder or one that can be created; else raise
+    :class:`UsageError` (an existing file of that name, an unwritable parent)."""
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise UsageError(f"{what} {path!r} exists and is not a folder")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise UsageError(f"{what} {path!r} is not writable")
+        return path
+    # the nearest existing ancestor must be a writable folder
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UsageError(f"{what} {path!r}: {parent!r} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{what} {path!r} cannot be created: {parent!r} is not writable")
+    return path
+
+
+def positive_int(s: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
