@@ -19,6 +19,7 @@
 #include "cpu_features.h"
 #include "gemm.h"
 #include "quantize.h"
+#include "threadpool.h"
 #ifdef LLMINT8_CUDA
 #include "cuda_common.h"
 #ifndef LLMINT8_CUDA_ARCHS
@@ -64,12 +65,7 @@ l8_state *l8_state_from_type(PyTypeObject *tp) {
 }
 
 static int num_threads(const l8_state *s) {
-#ifdef LLMINT8_OPENMP
-    return s && s->num_threads > 0 ? s->num_threads : omp_get_max_threads();
-#else
-    (void)s;
-    return 1;
-#endif
+    return s && s->num_threads > 0 ? s->num_threads : l8_default_threads();
 }
 
 /* The CPU GEMM kernel to use: `name` (a str) when given, else the module's choice
@@ -824,7 +820,7 @@ static PyObject *py_set_num_threads(PyObject *mod, PyObject *arg) {
     long n = PyLong_AsLong(arg);
     if (n == -1 && PyErr_Occurred()) return NULL;
     if (n < 0 || n > 4096) {
-        PyErr_Format(PyExc_ValueError, "number of threads must be in [0, 4096] (0 = OpenMP default), got %ld", n);
+        PyErr_Format(PyExc_ValueError, "number of threads must be in [0, 4096] (0 = the default: OMP_NUM_THREADS or the CPU count), got %ld", n);
         return NULL;
     }
     ((l8_state *)PyModule_GetState(mod))->num_threads = (int)n;
@@ -946,7 +942,7 @@ static PyMethodDef module_methods[] = {
     {"int8_matmul", (PyCFunction)(void (*)(void))py_int8_matmul, METH_VARARGS | METH_KEYWORDS, int8_matmul_doc},
     {"quantize_weight", (PyCFunction)(void (*)(void))py_quantize_weight, METH_VARARGS | METH_KEYWORDS,
      quantize_weight_doc},
-    {"set_num_threads", py_set_num_threads, METH_O, "set_num_threads(n): OpenMP threads for CPU work (0 = default)."},
+    {"set_num_threads", py_set_num_threads, METH_O, "set_num_threads(n): threads for CPU work (0 = default)."},
     {"get_num_threads", py_get_num_threads, METH_NOARGS, "get_num_threads() -> threads used for CPU work."},
     {"build_info", py_build_info, METH_NOARGS, "build_info() -> dict: how this extension was built."},
 #ifndef LLMINT8_CUDA
