@@ -71,8 +71,10 @@ static void tile(const int8_t *A, const int8_t *B, int64_t k, int64_t i0, int64_
 /* ------------------------------------------------------------------ driver */
 /* Below this many multiply-adds per thread a parallel region costs more than it saves
  * (waking a worker and joining it take a few microseconds; measured with
- * benchmarks/bench_contention.py --thresholds). */
-#define GEMM_MIN_MACS_PER_THREAD ((int64_t)1 << 22)
+ * benchmarks/bench_contention.py --thresholds, see RESULTS.md). */
+#ifndef L8_GEMM_MIN_MACS_PER_THREAD
+#define L8_GEMM_MIN_MACS_PER_THREAD ((int64_t)1 << 22)
+#endif
 
 typedef struct {
     const int8_t *A, *B;
@@ -99,7 +101,7 @@ void l8_gemm_s8(const int8_t *A, const int8_t *B, int64_t m, int64_t n, int64_t 
                 l8_epilogue ep, void *ctx, int nthreads) {
     const int64_t tm = (m + L8_GEMM_MB - 1) / L8_GEMM_MB, tn = (n + L8_GEMM_NB - 1) / L8_GEMM_NB;
     gemm_job g = {A, B, m, n, k, tm, ep, ctx};
-    l8_parallel_for(tm * tn, 1, l8_threads_for(m * n * k, GEMM_MIN_MACS_PER_THREAD, nthreads), gemm_tiles, &g);
+    l8_parallel_for(tm * tn, 1, l8_threads_for(m * n * k, L8_GEMM_MIN_MACS_PER_THREAD, nthreads), gemm_tiles, &g);
 }
 
 void l8_epilogue_store(void *ctx, int64_t i0, int64_t j0, int64_t mb, int64_t nb,
@@ -236,7 +238,7 @@ int l8_gemm_s8_packed(const int8_t *A, int64_t m, const l8_packed_b *B, l8_epilo
     ops->stage_a(A, m, B->k, kp, As);
     const int64_t tm = (m + L8_GEMM_MB - 1) / L8_GEMM_MB, tn = (n + L8_GEMM_NB - 1) / L8_GEMM_NB;
     packed_job g = {As, B, ops, m, n, kp, tm, ep, ctx};
-    l8_parallel_for(tm * tn, 1, l8_threads_for(m * n * kp, GEMM_MIN_MACS_PER_THREAD, nthreads), packed_tiles, &g);
+    l8_parallel_for(tm * tn, 1, l8_threads_for(m * n * kp, L8_GEMM_MIN_MACS_PER_THREAD, nthreads), packed_tiles, &g);
     free(As);
     return 0;
 }

@@ -44,7 +44,9 @@ static inline int l8_threads_for(int64_t work, int64_t min_work, int nthreads) {
 
 /* Elements per thread below which the elementwise passes over x (column absmax, row
  * quantization) run on one thread. */
+#ifndef L8_PASS_MIN_PER_THREAD
 #define L8_PASS_MIN_PER_THREAD ((int64_t)1 << 16)
+#endif
 
 /* The default thread count: OMP_NUM_THREADS when set to a positive number (the usual
  * convention, kept from when the loops were OpenMP's), else the CPUs this process may run
