@@ -13,8 +13,10 @@ The table gives the median calls/s over the rounds and the ratio to "alone". A r
 from the cores and no more; before llmint8 ran its loops on its own thread pool, OpenMP's
 spinning workers and end-of-loop barrier made it 10-30x slower.
 
-The whole-model view (``--model-tokens``): perplexity of the llm.int8() stories260K model
-(llmint8.models) over wikitext-2 tokens, alone and next to each neighbour.
+The whole-model view (``--model-tokens``): perplexity of the stories260K model (llmint8.models)
+over wikitext-2 tokens, float32 and llm.int8(), alone and next to each neighbour. The float32
+model runs on NumPy alone: its slowdown is NumPy's (its BLAS threads wait for each other
+too), which the llm.int8() model shares for everything but its linear layers.
 
   python benchmarks/bench_contention.py                      # layers + model
   python benchmarks/bench_contention.py --hot-path           # + 4096x4096 ms/call at 1, 32, 512 tokens, alone
@@ -150,25 +152,32 @@ def bench_model(rounds, n_tokens):
     with open(text, encoding="utf-8") as f:
         tokens = np.asarray(model.tokenizer.encode(f.read()), dtype=np.int64)[:n_tokens]
     q = model.quantize("llm.int8", threshold=6.0, calibration_tokens=tokens[:256])
-    perplexity(q, tokens[:600], progress=False)  # warm-up
-    secs = {c: [] for c in CONDITIONS}
-    ppl = None
+    # the float model is NumPy alone: how much of the slowdown is NumPy's own (its BLAS threads)
+    models = [("float32 (NumPy only)", model), ("llm.int8", q)]
+    for _, mod in models:
+        perplexity(mod, tokens[:600], progress=False)  # warm-up
+    secs = {(name, c): [] for name, _ in models for c in CONDITIONS}
+    ppl = {}
     for r in range(rounds):
         for c in CONDITIONS:
             with NEIGHBOURS[c]():
-                t0 = time.perf_counter()
-                res = perplexity(q, tokens, progress=False)
-                secs[c].append(time.perf_counter() - t0)
-            ppl = res["ppl"] if ppl is None else ppl
-            assert res["ppl"] == ppl, "perplexity must not depend on the neighbours"
+                for name, mod in models:
+                    t0 = time.perf_counter()
+                    res = perplexity(mod, tokens, progress=False)
+                    secs[name, c].append(time.perf_counter() - t0)
+                    ppl.setdefault(name, res["ppl"])
+                    assert abs(res["ppl"] - ppl[name]) <= 1e-6 * ppl[name], "perplexity must not depend on neighbours"
         print(f"  model round {r + 1}/{rounds} done", file=sys.stderr)
-    alone = statistics.median(secs["alone"])
-    row = [f"stories260K llm.int8, {len(tokens)} tokens (ppl {ppl:.3f})"]
-    for c in CONDITIONS:
-        med = statistics.median(secs[c])
-        row += [f"{med:.2f}", f"{len(tokens) / med:.0f}", f"{med / alone:.2f}"]
+    rows = []
+    for name, _ in models:
+        alone = statistics.median(secs[name, "alone"])
+        row = [f"stories260K {name}, {len(tokens)} tokens (ppl {ppl[name]:.2f})"]
+        for c in CONDITIONS:
+            med = statistics.median(secs[name, c])
+            row += [f"{med:.2f}", f"{len(tokens) / med:.0f}", f"{med / alone:.2f}"]
+        rows.append(row)
     header = ["model"] + [h for c in CONDITIONS for h in (f"{c} s", f"{c} tokens/s", f"{c} time / alone")]
-    return header, [row]
+    return header, rows
 
 
 def bench_hot_path(rounds, seconds):
