@@ -35,9 +35,20 @@ import sys
 import threading
 import time
 
-import numpy as np
 
-import llmint8
+def _blas_threads_from_argv():
+    """--blas-threads N must act before NumPy loads OpenBLAS, so it is read here."""
+    for i, a in enumerate(sys.argv):
+        if a.startswith("--blas-threads"):
+            n = a.split("=", 1)[1] if "=" in a else sys.argv[i + 1]
+            for var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):  # not OMP_NUM_THREADS: llmint8 reads it
+                os.environ[var] = n
+
+
+_blas_threads_from_argv()
+import numpy as np  # noqa: E402
+
+import llmint8  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
@@ -227,12 +238,15 @@ def main(argv=None):
     ap.add_argument("--hot-path", action="store_true", help="also 4096x4096 at 1, 32, 512 tokens, alone")
     ap.add_argument("--thresholds", action="store_true", help="also one thread vs all per size")
     ap.add_argument("--markdown", help="also write the tables as Markdown to this file")
+    ap.add_argument("--blas-threads", help="threads of NumPy's BLAS (set before NumPy loads); isolates "
+                    "llmint8's share of the model's time from NumPy's own thread waits")
     args = ap.parse_args(argv)
 
     info = llmint8.build_info()
     head = (f"llmint8 {llmint8.__version__} from {os.path.dirname(llmint8.__file__)}\n"
             f"CPU: {cpu_model()}, {os.cpu_count()} CPUs, kernel {info.get('cpu_kernel')}, "
-            f"threads {llmint8.get_num_threads()}, numpy {np.__version__}, "
+            f"threads {llmint8.get_num_threads()}, numpy {np.__version__} "
+            f"(BLAS threads: {os.environ.get('OPENBLAS_NUM_THREADS', 'default')}), "
             f"date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load {os.getloadavg()[0]:.2f}")
     print(head)
     md = [head.replace("\n", "  \n")]

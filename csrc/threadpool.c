@@ -72,6 +72,7 @@ typedef struct {
     pthread_cond_t wake;      /* a new job was published */
     pthread_cond_t done;      /* busy dropped to 0 */
     int nworkers;             /* threads started */
+    int create_failed;        /* the OS refused a thread: do not ask again on every call */
     int sleepers;             /* workers waiting on `wake` */
     int caller_waits;         /* the caller waits on `done` */
     atomic_uint_fast64_t gen; /* job number, bumped on publish */
@@ -175,7 +176,7 @@ static void atfork_child(void) {
     pthread_mutex_init(&P.m, NULL);
     pthread_cond_init(&P.wake, NULL);
     pthread_cond_init(&P.done, NULL);
-    P.nworkers = P.sleepers = P.caller_waits = 0;
+    P.nworkers = P.sleepers = P.caller_waits = P.create_failed = 0;
     P.joined = P.max_join = 0;
     P.closed = 1;
     atomic_store(&P.busy, 0);
@@ -185,7 +186,7 @@ static void register_atfork(void) { (void)pthread_atfork(atfork_prepare, atfork_
 /* Start workers until there are `want` (called with job_lock held). Workers block every
  * signal: signals are for the interpreter's main thread. */
 static void grow(int want) {
-    if (P.nworkers >= want) return;
+    if (P.nworkers >= want || P.create_failed) return;
     pthread_once(&atfork_once, register_atfork);
     sigset_t all, old;
     sigfillset(&all);
@@ -195,7 +196,10 @@ static void grow(int want) {
     if (attr_ok) pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
     while (P.nworkers < want) {
         pthread_t t;
-        if (pthread_create(&t, attr_ok ? &attr : NULL, worker_main, NULL) != 0) break;
+        if (pthread_create(&t, attr_ok ? &attr : NULL, worker_main, NULL) != 0) {
+            P.create_failed = 1;
+            break;
+        }
         if (!attr_ok) pthread_detach(t);
         pthread_mutex_lock(&P.m);
         P.nworkers++;
