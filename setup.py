@@ -6,7 +6,6 @@
                  found; links libcudart and libcublasLt and is imported on first CUDA use.
 
 Environment:
-  LLMINT8_OPENMP=0   build without OpenMP even where the compiler supports it
   LLMINT8_CUDA=0     build the CPU backend only, even where nvcc is found
   LLMINT8_CUDA=1     require the CUDA backend (fail when nvcc is not found or fails; without
                      this, a failing nvcc leaves a CPU-only build and says why)
@@ -19,7 +18,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -37,32 +35,17 @@ def _files(folder, suffix):
 
 
 # _C: the op oracles and CPU backend (core/) and the Python bindings (python/, except the
-# CUDA module's files, named cuda_*). _cuda: its bindings, the shared error helper, the
-# core file with l8_fail and the NaN scan, and the CUDA objects (cuda/*.cu, built by nvcc).
+# CUDA module's files, named cuda_*). _cuda: its bindings, the shared error helpers
+# (python/errors.c, core/common.c) and the CUDA objects (cuda/*.cu, built by nvcc).
 C_SOURCES = _files("core", ".c") + [f for f in _files("python", ".c") if not os.path.basename(f).startswith("cuda_")]
 CUDA_EXT_SOURCES = [f for f in _files("python", ".c") if os.path.basename(f).startswith("cuda_")] + [
-    os.path.join(CSRC, "python", "errors.c"), os.path.join(CSRC, "core", "quantize.c")]
+    os.path.join(CSRC, "python", "errors.c"), os.path.join(CSRC, "core", "common.c")]
 CUDA_SOURCES = _files("cuda", ".cu")
 INCLUDE_DIRS = [os.path.join(CSRC, d) for d in ("core", "cuda", "python")]
 HEADERS = [f for d in ("core", "cuda", "python") for f in _files(d, ".h")]
 
 # C11 for the host code; -fno-math-errno lets lrintf inline to one instruction.
 C_FLAGS = ["-std=c11", "-O3", "-Wall", "-Wextra", "-fno-math-errno", "-fvisibility=hidden"]
-
-
-def _compiler_accepts(cc, flags):
-    """True when `cc` compiles and links a small OpenMP program with `flags`."""
-    src = "#include <omp.h>\nint main(void){int n=0;\n#pragma omp parallel reduction(+:n)\nn+=1;\nreturn n>0?0:1;}\n"
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "t.c")
-        with open(path, "w") as f:
-            f.write(src)
-        try:
-            r = subprocess.run(cc + [path, "-o", os.path.join(d, "t")] + flags,
-                               capture_output=True, timeout=60)
-        except (OSError, subprocess.SubprocessError):
-            return False
-        return r.returncode == 0
 
 
 CUDA_ARCHS = ["80", "86", "89", "90"]  # Ampere, Ampere (GA10x), Ada, Hopper; PTX of the last for newer GPUs
@@ -200,20 +183,14 @@ class BuildExt(build_ext):
     def build_extensions(self):
         by_name = {e.name: e for e in self.extensions}
         self._setup_cuda(by_name["llmint8._C"], by_name["llmint8._cuda"])
-        cc = list(self.compiler.compiler_so[:1]) if hasattr(self.compiler, "compiler_so") else ["cc"]
-        use_omp = os.environ.get("LLMINT8_OPENMP", "1") != "0" and _compiler_accepts(cc, ["-fopenmp"])
-        c_ext = by_name["llmint8._C"]  # OpenMP is the CPU backend's alone
-        if use_omp:
-            c_ext.extra_compile_args.append("-fopenmp")
-            c_ext.extra_link_args.append("-fopenmp")
-            c_ext.define_macros.append(("LLMINT8_OPENMP", "1"))
-        else:
-            print("llmint8: building without OpenMP (the CPU backend runs on one thread)")
+        c_ext = by_name["llmint8._C"]  # the CPU backend's thread pool (csrc/core/threadpool.c)
+        c_ext.extra_compile_args.append("-pthread")
+        c_ext.extra_link_args.append("-pthread")
         super().build_extensions()
 
     def build_extension(self, ext):
         # each module's objects in a folder of its own: both compile some of the same
-        # sources (errors.c, quantize.c) with different flags
+        # sources (errors.c, common.c) with different flags
         base = self.build_temp
         self.build_temp = os.path.join(base, ext.name.rsplit(".", 1)[-1])
         try:
@@ -230,8 +207,7 @@ def _extension(name, sources, extra_flags=()):
 
 extensions = [
     _extension("llmint8._C", C_SOURCES),
-    # the CUDA module's copy of core/quantize.c is compiled without OpenMP
-    _extension("llmint8._cuda", CUDA_EXT_SOURCES, ["-Wno-unknown-pragmas"]),
+    _extension("llmint8._cuda", CUDA_EXT_SOURCES),
 ]
 
 setup(ext_modules=extensions, cmdclass={"build_ext": BuildExt})

@@ -68,10 +68,28 @@ def set_cpu_kernel(name):
 
 
 def set_num_threads(n):
-    """Threads for CPU work (0 = OpenMP's default, which follows OMP_NUM_THREADS)."""
-    _C.set_num_threads(int(n))
+    """Threads that llmint8's CPU work may use (for this process); 0 restores the default.
+
+    n: an int in [0, 4096]. The default is ``OMP_NUM_THREADS`` when that is set (the usual
+    convention), else the number of CPUs this process may run on. At most 256 are used.
+
+    The CPU backend runs its loops on its own pool of worker threads. The calling thread
+    works too, idle workers spin for at most about 50 microseconds and then sleep, and
+    work too small to pay for a second thread (such as a 1024x1024 layer on a few tokens)
+    runs on the calling thread alone, so a machine shared with other busy processes (or
+    NumPy's BLAS threads) costs llmint8 the cores it loses and little more. Fewer threads
+    than cores leave the rest to other work; more than the cores never help. Results are
+    bit-identical for every thread count. TypeError for a non-integer, ValueError out of
+    range."""
+    import operator
+
+    try:
+        n = operator.index(n)
+    except TypeError:
+        raise TypeError(f"number of threads must be an int, got {type(n).__name__}") from None
+    _C.set_num_threads(n)
 
 
 def get_num_threads():
-    """Threads used for CPU work."""
+    """Threads llmint8's CPU work uses now: the value of :func:`set_num_threads`, or the default."""
     return _C.get_num_threads()

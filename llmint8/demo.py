@@ -42,7 +42,7 @@ def run(size=4096, tokens=(1, 32, 512), repeat=5, seed=0):
 
     info = build_info()
     print(f"llmint8 backends: {', '.join(backends())}   (CPU threads: {get_num_threads()}, "
-          f"OpenMP: {info['openmp']}, CPU kernel: {info.get('cpu_kernel', '?')})")
+          f"CPU threads: {info['threads']}, CPU kernel: {info.get('cpu_kernel', '?')})")
     print(f"Layer {size}x{size}, paper-like activations (0.1% outlier columns x20-30), threshold 6.0\n")
     results = {}
     mmax = max(tokens)

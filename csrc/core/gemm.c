@@ -15,6 +15,7 @@
 #endif
 
 #include "gemm.h"
+#include "threadpool.h"
 
 _Static_assert(L8_GEMM_MB > 0 && L8_GEMM_NB % 4 == 0, "tile sizes: NB must be a multiple of the 4-wide kernel");
 _Static_assert((int64_t)127 * 127 * L8_GEMM_MAX_K <= INT32_MAX, "int32 accumulator bound");
@@ -68,24 +69,39 @@ static void tile(const int8_t *A, const int8_t *B, int64_t k, int64_t i0, int64_
 }
 
 /* ------------------------------------------------------------------ driver */
+/* Below this many multiply-adds per thread a parallel region costs more than it saves
+ * (waking a worker and joining it take a few microseconds; measured with
+ * benchmarks/bench_contention.py --thresholds, see RESULTS.md). */
+#ifndef L8_GEMM_MIN_MACS_PER_THREAD
+#define L8_GEMM_MIN_MACS_PER_THREAD ((int64_t)1 << 22)
+#endif
+
+typedef struct {
+    const int8_t *A, *B;
+    int64_t m, n, k, tm;
+    l8_epilogue ep;
+    void *ctx;
+} gemm_job;
+
+static void gemm_tiles(void *arg, int64_t t0, int64_t t1) {
+    const gemm_job *g = arg;
+    for (int64_t t = t0; t < t1; t++) {
+        /* n-major tile order: neighbouring tiles share the same weight panel */
+        const int64_t ti = t % g->tm, tj = t / g->tm;
+        const int64_t i0 = ti * L8_GEMM_MB, j0 = tj * L8_GEMM_NB;
+        const int64_t mb = g->m - i0 < L8_GEMM_MB ? g->m - i0 : L8_GEMM_MB;
+        const int64_t nb = g->n - j0 < L8_GEMM_NB ? g->n - j0 : L8_GEMM_NB;
+        int32_t acc[L8_GEMM_MB * L8_GEMM_NB];
+        tile(g->A, g->B, g->k, i0, j0, mb, nb, acc);
+        g->ep(g->ctx, i0, j0, mb, nb, acc, L8_GEMM_NB);
+    }
+}
+
 void l8_gemm_s8(const int8_t *A, const int8_t *B, int64_t m, int64_t n, int64_t k,
                 l8_epilogue ep, void *ctx, int nthreads) {
-    (void)nthreads;
     const int64_t tm = (m + L8_GEMM_MB - 1) / L8_GEMM_MB, tn = (n + L8_GEMM_NB - 1) / L8_GEMM_NB;
-    const int64_t ntiles = tm * tn;
-#ifdef LLMINT8_OPENMP
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (m * n * k > 262144)
-#endif
-    for (int64_t t = 0; t < ntiles; t++) {
-        /* n-major tile order: neighbouring tiles share the same weight panel */
-        const int64_t ti = t % tm, tj = t / tm;
-        const int64_t i0 = ti * L8_GEMM_MB, j0 = tj * L8_GEMM_NB;
-        const int64_t mb = m - i0 < L8_GEMM_MB ? m - i0 : L8_GEMM_MB;
-        const int64_t nb = n - j0 < L8_GEMM_NB ? n - j0 : L8_GEMM_NB;
-        int32_t acc[L8_GEMM_MB * L8_GEMM_NB];
-        tile(A, B, k, i0, j0, mb, nb, acc);
-        ep(ctx, i0, j0, mb, nb, acc, L8_GEMM_NB);
-    }
+    gemm_job g = {A, B, m, n, k, tm, ep, ctx};
+    l8_parallel_for(tm * tn, 1, l8_threads_for(m * n * k, L8_GEMM_MIN_MACS_PER_THREAD, nthreads), gemm_tiles, &g);
 }
 
 void l8_epilogue_store(void *ctx, int64_t i0, int64_t j0, int64_t mb, int64_t nb,
@@ -185,6 +201,30 @@ void l8_packed_b_column(const l8_packed_b *pb, int64_t p, int8_t *col) {
 }
 
 /* ------------------------------------------------------------------ packed driver */
+typedef struct {
+    const void *As;
+    const l8_packed_b *B;
+    const l8_kernel_ops *ops;
+    int64_t m, n, kp, tm;
+    l8_epilogue ep;
+    void *ctx;
+} packed_job;
+
+static void packed_tiles(void *arg, int64_t t0, int64_t t1) {
+    const packed_job *g = arg;
+    for (int64_t t = t0; t < t1; t++) {
+        /* m-fastest tile order: tiles running at the same time share one weight panel */
+        const int64_t ti = t % g->tm, tj = t / g->tm;
+        const int64_t i0 = ti * L8_GEMM_MB, j0 = tj * L8_GEMM_NB;
+        const int64_t mb = g->m - i0 < L8_GEMM_MB ? g->m - i0 : L8_GEMM_MB;
+        const int64_t nb = g->n - j0 < L8_GEMM_NB ? g->n - j0 : L8_GEMM_NB;
+        int32_t acc[L8_GEMM_MB * L8_GEMM_NB];
+        if (g->kp == 0) memset(acc, 0, sizeof acc); /* k = 0: no k slice writes the tile */
+        g->ops->tile(g->As, g->B, i0, mb, j0, nb, acc);
+        g->ep(g->ctx, i0, j0, mb, nb, acc, L8_GEMM_NB);
+    }
+}
+
 int l8_gemm_s8_packed(const int8_t *A, int64_t m, const l8_packed_b *B, l8_epilogue ep, void *ctx, int nthreads) {
     const l8_kernel_ops *ops = l8_x86_kernel_ops(B->kernel);
     if (!ops) {
@@ -196,23 +236,9 @@ int l8_gemm_s8_packed(const int8_t *A, int64_t m, const l8_packed_b *B, l8_epilo
     void *As = l8_malloc_array((size_t)m * (size_t)kp, ops->a_elem);
     if (!As) return -1;
     ops->stage_a(A, m, B->k, kp, As);
-    (void)nthreads;
     const int64_t tm = (m + L8_GEMM_MB - 1) / L8_GEMM_MB, tn = (n + L8_GEMM_NB - 1) / L8_GEMM_NB;
-    const int64_t ntiles = tm * tn;
-#ifdef LLMINT8_OPENMP
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (m * n * kp > 262144)
-#endif
-    for (int64_t t = 0; t < ntiles; t++) {
-        /* m-fastest tile order: tiles running at the same time share one weight panel */
-        const int64_t ti = t % tm, tj = t / tm;
-        const int64_t i0 = ti * L8_GEMM_MB, j0 = tj * L8_GEMM_NB;
-        const int64_t mb = m - i0 < L8_GEMM_MB ? m - i0 : L8_GEMM_MB;
-        const int64_t nb = n - j0 < L8_GEMM_NB ? n - j0 : L8_GEMM_NB;
-        int32_t acc[L8_GEMM_MB * L8_GEMM_NB];
-        if (kp == 0) memset(acc, 0, sizeof acc); /* k = 0: no k slice writes the tile */
-        ops->tile(As, B, i0, mb, j0, nb, acc);
-        ep(ctx, i0, j0, mb, nb, acc, L8_GEMM_NB);
-    }
+    packed_job g = {As, B, ops, m, n, kp, tm, ep, ctx};
+    l8_parallel_for(tm * tn, 1, l8_threads_for(m * n * kp, L8_GEMM_MIN_MACS_PER_THREAD, nthreads), packed_tiles, &g);
     free(As);
     return 0;
 }

@@ -20,7 +20,7 @@
 typedef void (*l8_epilogue)(void *ctx, int64_t i0, int64_t j0, int64_t mb, int64_t nb,
                             const int32_t *acc, int64_t ldacc);
 
-/* Blocked, OpenMP-parallel driver. Exact for any m, n, k >= 0 (int32 holds the sum
+/* Blocked driver, parallel over tiles (threadpool.h). Exact for any m, n, k >= 0 (int32 holds the sum
  * for k < 2^17 at the worst case 127 * 127 * k; the entry point checks k). */
 void l8_gemm_s8(const int8_t *A, const int8_t *B, int64_t m, int64_t n, int64_t k,
                 l8_epilogue ep, void *ctx, int nthreads);

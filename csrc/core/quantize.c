@@ -6,38 +6,10 @@
  * Rounding is to nearest even (lrintf in the default rounding mode).
  */
 #include <math.h>
-#include <stdarg.h>
-#include <stdio.h>
 #include <stdlib.h>
 
 #include "quantize.h"
-
-int l8_fail(l8_status *st, l8_code code, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(st->msg, sizeof st->msg, fmt, ap);
-    va_end(ap);
-    st->code = code;
-    return -1;
-}
-
-void *l8_malloc_array(size_t n, size_t size) {
-    if (size && n > SIZE_MAX / size) return NULL;
-    return malloc(n != 0 && size != 0 ? n * size : 1); /* never malloc(0): NULL would read as failure */
-}
-
-int64_t l8_find_nonfinite(const void *x, l8_dtype t, int64_t n) {
-    if (t == L8_F16) {
-        const uint16_t *h = x;
-        for (int64_t i = 0; i < n; i++)
-            if ((h[i] & 0x7C00u) == 0x7C00u) return i;
-    } else {
-        const float *f = x;
-        for (int64_t i = 0; i < n; i++)
-            if (!l8_isfinite(f[i])) return i;
-    }
-    return -1;
-}
+#include "threadpool.h"
 
 float l8_absmax(const void *x, l8_dtype t, int64_t n) {
     float m = 0.0f;
@@ -64,26 +36,39 @@ void l8_quantize_absmax(const void *x, l8_dtype t, int64_t n, float absmax, int8
     for (int64_t i = 0; i < n; i++) q[i] = quantize_one(l8_load(x, t, (size_t)i), absmax, inv);
 }
 
-void l8_quantize_rows(const void *x, l8_dtype t, int64_t m, int64_t k, const uint8_t *skip,
-                      int8_t *q, float *scales, int nthreads) {
-    (void)nthreads;
-    const size_t es = l8_dtype_size(t);
-#ifdef LLMINT8_OPENMP
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (m * k > 65536)
-#endif
-    for (int64_t i = 0; i < m; i++) {
-        const char *row = (const char *)x + (size_t)i * (size_t)k * es;
-        int8_t *qr = q + (size_t)i * (size_t)k;
+typedef struct {
+    const void *x;
+    l8_dtype t;
+    int64_t k;
+    const uint8_t *skip;
+    int8_t *q;
+    float *scales;
+} rows_job;
+
+static void quantize_rows_range(void *arg, int64_t i0, int64_t i1) {
+    const rows_job *g = arg;
+    const int64_t k = g->k;
+    const uint8_t *skip = g->skip;
+    const size_t es = l8_dtype_size(g->t);
+    for (int64_t i = i0; i < i1; i++) {
+        const char *row = (const char *)g->x + (size_t)i * (size_t)k * es;
+        int8_t *qr = g->q + (size_t)i * (size_t)k;
         float s = 0.0f;
         for (int64_t j = 0; j < k; j++) {
-            float a = fabsf(l8_load(row, t, (size_t)j));
+            float a = fabsf(l8_load(row, g->t, (size_t)j));
             if (!(skip && skip[j]) && a > s) s = a;
         }
-        scales[i] = s;
+        g->scales[i] = s;
         const float inv = s > 0.0f ? 127.0f / s : 0.0f;
         for (int64_t j = 0; j < k; j++)
-            qr[j] = (s == 0.0f || (skip && skip[j])) ? 0 : quantize_one(l8_load(row, t, (size_t)j), s, inv);
+            qr[j] = (s == 0.0f || (skip && skip[j])) ? 0 : quantize_one(l8_load(row, g->t, (size_t)j), s, inv);
     }
+}
+
+void l8_quantize_rows(const void *x, l8_dtype t, int64_t m, int64_t k, const uint8_t *skip,
+                      int8_t *q, float *scales, int nthreads) {
+    rows_job g = {x, t, k, skip, q, scales};
+    l8_parallel_for(m, 1, l8_threads_for(m * k, L8_PASS_MIN_PER_THREAD, nthreads), quantize_rows_range, &g);
 }
 
 void l8_quantize_zeropoint(const void *x, l8_dtype t, int64_t n, int8_t *q, float *scale, int32_t *zp) {
@@ -111,23 +96,33 @@ void l8_quantize_zeropoint(const void *x, l8_dtype t, int64_t n, int8_t *q, floa
     *zp = (int32_t)z;
 }
 
-void l8_column_absmax(const void *x, l8_dtype t, int64_t m, int64_t k, float *colmax, int nthreads) {
-    (void)nthreads;
-    enum { CB = 256 }; /* a column block: each thread walks the rows of its own block */
-    const int64_t nb = (k + CB - 1) / CB;
-    const size_t es = l8_dtype_size(t);
-#ifdef LLMINT8_OPENMP
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (m * k > 65536)
-#endif
-    for (int64_t b = 0; b < nb; b++) {
-        const int64_t j0 = b * CB, j1 = j0 + CB < k ? j0 + CB : k;
+enum { CB = 256 }; /* a column block: each thread walks the rows of its own block */
+
+typedef struct {
+    const void *x;
+    l8_dtype t;
+    int64_t m, k;
+    float *colmax;
+} colmax_job;
+
+static void colmax_blocks(void *arg, int64_t b0, int64_t b1) {
+    const colmax_job *g = arg;
+    const size_t es = l8_dtype_size(g->t);
+    float *colmax = g->colmax;
+    for (int64_t b = b0; b < b1; b++) {
+        const int64_t j0 = b * CB, j1 = j0 + CB < g->k ? j0 + CB : g->k;
         for (int64_t j = j0; j < j1; j++) colmax[j] = 0.0f;
-        for (int64_t i = 0; i < m; i++) {
-            const char *row = (const char *)x + (size_t)i * (size_t)k * es;
+        for (int64_t i = 0; i < g->m; i++) {
+            const char *row = (const char *)g->x + (size_t)i * (size_t)g->k * es;
             for (int64_t j = j0; j < j1; j++) {
-                float a = fabsf(l8_load(row, t, (size_t)j));
+                float a = fabsf(l8_load(row, g->t, (size_t)j));
                 colmax[j] = a > colmax[j] ? a : colmax[j];
             }
         }
     }
+}
+
+void l8_column_absmax(const void *x, l8_dtype t, int64_t m, int64_t k, float *colmax, int nthreads) {
+    colmax_job g = {x, t, m, k, colmax};
+    l8_parallel_for((k + CB - 1) / CB, 1, l8_threads_for(m * k, L8_PASS_MIN_PER_THREAD, nthreads), colmax_blocks, &g);
 }

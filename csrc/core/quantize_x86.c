@@ -14,9 +14,11 @@
 #include <stdlib.h>
 
 #include "quantize.h"
+#include "threadpool.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
+#include <stdatomic.h>
 
 #define T_SIMD __attribute__((target("avx2,f16c")))
 
@@ -63,32 +65,42 @@ static T_SIMD void colmax_block_f32(const uint32_t *x, int64_t m, int64_t k, int
     }
 }
 
-int l8_column_absmax_simd(const void *x, l8_dtype t, int64_t m, int64_t k, float *colmax, int nthreads) {
-    (void)nthreads;
-    const int64_t nb = (k + CB - 1) / CB;
+typedef struct {
+    const void *x;
+    l8_dtype t;
+    int64_t m, k;
+    float *colmax;
+    atomic_int bad;
+} colmax_job;
+
+static void colmax_blocks(void *arg, int64_t b0, int64_t b1) {
+    colmax_job *g = arg;
     int bad = 0;
-#ifdef LLMINT8_OPENMP
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (m * k > 65536) reduction(| : bad)
-#endif
-    for (int64_t b = 0; b < nb; b++) {
-        const int64_t j0 = b * CB, j1 = j0 + CB < k ? j0 + CB : k;
-        if (t == L8_F16) {
+    for (int64_t b = b0; b < b1; b++) {
+        const int64_t j0 = b * CB, j1 = j0 + CB < g->k ? j0 + CB : g->k;
+        if (g->t == L8_F16) {
             uint16_t bits[CB];
-            colmax_block_f16(x, m, k, j0, j1, bits);
+            colmax_block_f16(g->x, g->m, g->k, j0, j1, bits);
             for (int64_t j = j0; j < j1; j++) {
                 bad |= bits[j - j0] >= 0x7C00u;
-                colmax[j] = l8_half_to_float(bits[j - j0]);
+                g->colmax[j] = l8_half_to_float(bits[j - j0]);
             }
         } else {
             uint32_t bits[CB];
-            colmax_block_f32(x, m, k, j0, j1, bits);
+            colmax_block_f32(g->x, g->m, g->k, j0, j1, bits);
             for (int64_t j = j0; j < j1; j++) {
                 bad |= bits[j - j0] >= 0x7F800000u;
-                colmax[j] = l8_bits_f32(bits[j - j0]);
+                g->colmax[j] = l8_bits_f32(bits[j - j0]);
             }
         }
     }
-    return bad;
+    if (bad) atomic_fetch_or(&g->bad, 1);
+}
+
+int l8_column_absmax_simd(const void *x, l8_dtype t, int64_t m, int64_t k, float *colmax, int nthreads) {
+    colmax_job g = {x, t, m, k, colmax, 0};
+    l8_parallel_for((k + CB - 1) / CB, 1, l8_threads_for(m * k, L8_PASS_MIN_PER_THREAD, nthreads), colmax_blocks, &g);
+    return atomic_load(&g.bad);
 }
 
 /* ------------------------------------------------------------------ row quantization */
@@ -151,9 +163,41 @@ static T_SIMD void quantize_row(const void *row, l8_dtype t, int64_t k, float s,
     for (; j < k; j++) q[j] = quantize_scalar(l8_load(row, t, (size_t)j), inv_s);
 }
 
+typedef struct {
+    const void *x;
+    l8_dtype t;
+    int64_t k;
+    const uint8_t *skip;
+    int8_t *q;
+    float *scales;
+    const void *keep;
+    const int32_t *skipped;
+    int64_t ns;
+} rows_job;
+
+static T_SIMD void quantize_rows_range(void *arg, int64_t i0, int64_t i1) {
+    const rows_job *g = arg;
+    const int64_t k = g->k;
+    const size_t es = l8_dtype_size(g->t);
+    for (int64_t i = i0; i < i1; i++) {
+        const char *row = (const char *)g->x + (size_t)i * (size_t)k * es;
+        int8_t *qr = g->q + (size_t)i * (size_t)k;
+        const float s = row_absmax(row, g->t, k, g->keep);
+        if (s == 0.0f) {
+            g->scales[i] = 0.0f;
+            memset(qr, 0, (size_t)k);
+        } else if (!l8_isfinite(127.0f / s)) {
+            l8_quantize_rows(row, g->t, 1, k, g->skip, qr, g->scales + i, 1); /* subnormal scale: the reference's path */
+        } else {
+            g->scales[i] = s;
+            quantize_row(row, g->t, k, s, qr);
+            for (int64_t o = 0; o < g->ns; o++) qr[g->skipped[o]] = 0;
+        }
+    }
+}
+
 int l8_quantize_rows_simd(const void *x, l8_dtype t, int64_t m, int64_t k, const uint8_t *skip, int8_t *q,
                           float *scales, int nthreads) {
-    (void)nthreads;
     const size_t es = l8_dtype_size(t);
     void *keep = l8_malloc_array((size_t)k, es);
     int32_t *skipped = l8_malloc_array((size_t)k, sizeof(int32_t));
@@ -171,24 +215,8 @@ int l8_quantize_rows_simd(const void *x, l8_dtype t, int64_t m, int64_t k, const
             ((uint32_t *)keep)[j] = sk ? 0 : 0x7FFFFFFFu;
         if (sk) skipped[ns++] = (int32_t)j;
     }
-#ifdef LLMINT8_OPENMP
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (m * k > 65536)
-#endif
-    for (int64_t i = 0; i < m; i++) {
-        const char *row = (const char *)x + (size_t)i * (size_t)k * es;
-        int8_t *qr = q + (size_t)i * (size_t)k;
-        const float s = row_absmax(row, t, k, keep);
-        if (s == 0.0f) {
-            scales[i] = 0.0f;
-            memset(qr, 0, (size_t)k);
-        } else if (!l8_isfinite(127.0f / s)) {
-            l8_quantize_rows(row, t, 1, k, skip, qr, scales + i, 1); /* subnormal scale: the reference's path */
-        } else {
-            scales[i] = s;
-            quantize_row(row, t, k, s, qr);
-            for (int64_t o = 0; o < ns; o++) qr[skipped[o]] = 0;
-        }
-    }
+    rows_job g = {x, t, k, skip, q, scales, keep, skipped, ns};
+    l8_parallel_for(m, 1, l8_threads_for(m * k, L8_PASS_MIN_PER_THREAD, nthreads), quantize_rows_range, &g);
     free(keep);
     free(skipped);
     return 0;

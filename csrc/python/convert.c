@@ -3,20 +3,13 @@
 
 #include <math.h>
 #include <stdlib.h>
-#ifdef LLMINT8_OPENMP
-#include <omp.h>
-#endif
 
 #include "quantize.h"
+#include "threadpool.h"
 
 
 int num_threads(const l8_state *s) {
-#ifdef LLMINT8_OPENMP
-    return s && s->num_threads > 0 ? s->num_threads : omp_get_max_threads();
-#else
-    (void)s;
-    return 1;
-#endif
+    return s && s->num_threads > 0 ? s->num_threads : l8_default_threads();
 }
 
 /* The CPU GEMM kernel to use: `name` (a str) when given, else the module's choice

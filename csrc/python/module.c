@@ -12,9 +12,6 @@
 
 #include <math.h>
 #include <stdlib.h>
-#ifdef LLMINT8_OPENMP
-#include <omp.h>
-#endif
 
 #include "convert.h"
 #include "ops.h"
@@ -51,7 +48,7 @@ static PyObject *py_set_num_threads(PyObject *mod, PyObject *arg) {
     long n = PyLong_AsLong(arg);
     if (n == -1 && PyErr_Occurred()) return NULL;
     if (n < 0 || n > 4096) {
-        PyErr_Format(PyExc_ValueError, "number of threads must be in [0, 4096] (0 = OpenMP default), got %ld", n);
+        PyErr_Format(PyExc_ValueError, "number of threads must be in [0, 4096] (0 = the default: OMP_NUM_THREADS or the CPU count), got %ld", n);
         return NULL;
     }
     ((l8_state *)PyModule_GetState(mod))->num_threads = (int)n;
@@ -90,11 +87,7 @@ static PyObject *py_set_cpu_kernel(PyObject *mod, PyObject *arg) {
 
 static PyObject *py_build_info(PyObject *mod, PyObject *unused) {
     (void)unused;
-#ifdef LLMINT8_OPENMP
-    PyObject *omp = Py_True;
-#else
-    PyObject *omp = Py_False;
-#endif
+    PyObject *threads = PyLong_FromLong(num_threads(PyModule_GetState(mod)));
 #ifdef LLMINT8_CUDA_OFF
     PyObject *cuda = Py_False; /* llmint8._cuda was not built */
 #else
@@ -121,13 +114,15 @@ static PyObject *py_build_info(PyObject *mod, PyObject *unused) {
         kname = Py_None;
     }
     PyObject *kernels = py_cpu_kernels(mod, NULL);
-    PyObject *d = kname && kernels ? Py_BuildValue("{s:O,s:O,s:s,s:O,s:O}", "openmp", omp, "cuda_built", cuda, "compiler",
+    PyObject *d = kname && kernels && threads ? Py_BuildValue("{s:O,s:O,s:s,s:O,s:O}", "threads", threads, "cuda_built", cuda,
+                                                             "compiler",
 #ifdef __VERSION__
                          __VERSION__,
 #else
                          "unknown",
 #endif
                          "cpu_kernel", kname, "cpu_kernels", kernels) : NULL;
+    Py_XDECREF(threads);
     Py_XDECREF(kname);
     Py_XDECREF(kernels);
     if (d && kerr && PyDict_SetItemString(d, "cpu_kernel_error", kerr) < 0) Py_CLEAR(d);
@@ -143,7 +138,7 @@ static PyObject *py_build_info(PyObject *mod, PyObject *unused) {
 }
 
 static PyMethodDef module_methods[] = {
-    {"set_num_threads", py_set_num_threads, METH_O, "set_num_threads(n): OpenMP threads for CPU work (0 = default)."},
+    {"set_num_threads", py_set_num_threads, METH_O, "set_num_threads(n): threads for CPU work (0 = default)."},
     {"get_num_threads", py_get_num_threads, METH_NOARGS, "get_num_threads() -> threads used for CPU work."},
     {"build_info", py_build_info, METH_NOARGS, "build_info() -> dict: how this extension was built."},
     {"cpu_kernels", py_cpu_kernels, METH_NOARGS,
