@@ -30,7 +30,7 @@ def resolve_device(device):
 
 
 def build_info():
-    """How the extensions were built and what they run: OpenMP, the compiler, the CPU GEMM
+    """How the extensions were built and what they run: CPU threads, the compiler, the CPU GEMM
     kernel in use (``cpu_kernel``) and those available (``cpu_kernels``), and CUDA:
     ``cuda`` is True when the CUDA backend was built and loads (then ``cuda_version`` and
     ``cuda_archs`` say what it was compiled with and for); otherwise ``cuda_off`` says why

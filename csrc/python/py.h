@@ -21,7 +21,7 @@
 /* Everything the module holds; nothing lives in C globals. */
 typedef struct {
     PyTypeObject *Int8Linear_type;
-    int num_threads;   /* OpenMP threads for CPU work; 0 = OpenMP's default */
+    int num_threads;   /* threads for CPU work (threadpool.h); 0 = the default */
     PyObject *cuda_module;    /* llmint8._cuda once a CUDA layer has loaded it (cuda_api.h), else NULL */
     const void *cuda_api;     /* its l8_cuda_api table */
     int cpu_kernel;    /* CPU GEMM kernel (l8_kernel) from LLMINT8_CPU_KERNEL or set_cpu_kernel; -1 = best */
