@@ -36,10 +36,10 @@ def _files(folder, suffix):
 
 # _C: the op oracles and CPU backend (core/) and the Python bindings (python/, except the
 # CUDA module's files, named cuda_*). _cuda: its bindings, the shared error helpers
-# (python/errors.c, core/common.c) and the CUDA objects (cuda/*.cu, built by nvcc).
+# (python/shared.c, core/common.c) and the CUDA objects (cuda/*.cu, built by nvcc).
 C_SOURCES = _files("core", ".c") + [f for f in _files("python", ".c") if not os.path.basename(f).startswith("cuda_")]
 CUDA_EXT_SOURCES = [f for f in _files("python", ".c") if os.path.basename(f).startswith("cuda_")] + [
-    os.path.join(CSRC, "python", "errors.c"), os.path.join(CSRC, "core", "common.c")]
+    os.path.join(CSRC, "python", "shared.c"), os.path.join(CSRC, "core", "common.c")]
 CUDA_SOURCES = _files("cuda", ".cu")
 INCLUDE_DIRS = [os.path.join(CSRC, d) for d in ("core", "cuda", "python")]
 HEADERS = [f for d in ("core", "cuda", "python") for f in _files(d, ".h")]
@@ -190,7 +190,7 @@ class BuildExt(build_ext):
 
     def build_extension(self, ext):
         # each module's objects in a folder of its own: both compile some of the same
-        # sources (errors.c, common.c) with different flags
+        # sources (shared.c, common.c)
         base = self.build_temp
         self.build_temp = os.path.join(base, ext.name.rsplit(".", 1)[-1])
         try:

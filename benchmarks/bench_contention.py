@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -49,6 +48,7 @@ _blas_threads_from_argv()
 import numpy as np  # noqa: E402
 
 import llmint8  # noqa: E402
+from benchutil import cpu_model  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
@@ -59,17 +59,6 @@ LAYERS = [  # (label, out, in, tokens)
     ("4096x4096, 4 tokens", 4096, 4096, 4),
     ("4096x4096, 64 tokens", 4096, 4096, 64),
 ]
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 # ------------------------------------------------------------------ neighbours

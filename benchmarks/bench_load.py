@@ -28,6 +28,7 @@ CHILD = r"""
 import json, sys, time
 import numpy as np
 import llmint8.models as M
+from benchutil import cpu_model
 
 def status_kib(key):
     with open("/proc/self/status") as f:
@@ -56,17 +57,6 @@ def run(spec, mode, out):
     if r.returncode:
         raise SystemExit(f"child ({mode}) failed:\n{r.stderr}")
     return json.loads(r.stdout.strip().splitlines()[-1])
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 def main(argv=None):

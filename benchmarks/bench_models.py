@@ -18,28 +18,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import time
+from benchutil import cpu_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 MODELS = ("stories260K", "smollm2-135m", "gemma3-270m")
 METHODS = ("float", "fp16", "llm.int8")
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def _text_path():
@@ -109,7 +98,7 @@ def main(argv=None):
         print("WikiText-2 (text/wikitext2_test.txt) not found in the shared data folder; set LLMINT8_DATA")
         return 1
     info = llmint8.build_info()
-    print(f"CPU: {_cpu_model()}, {os.cpu_count()} logical CPUs, load average {os.getloadavg()[0]:.1f}; "
+    print(f"CPU: {cpu_model()}, {os.cpu_count()} logical CPUs, load average {os.getloadavg()[0]:.1f}; "
           f"llmint8 threads {llmint8.get_num_threads()}, kernel {info.get('cpu_kernel')}, "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}")
     print(f"prefill: perplexity over {a.tokens} tokens (context 256, stride 128); decode: 32 tokens with the "

@@ -347,19 +347,7 @@ cleanup:
 
 /* A CUDA array of any producer (no import, no copy: a look at the type and attributes). */
 static int is_device_input(l8_cuda_state *st, PyObject *x) {
-    if (PyObject_TypeCheck(x, st->DeviceArray_type)) return 1;
-    if (PyArray_Check(x)) return 0;
-    if (PyObject_HasAttrString(x, "__cuda_array_interface__")) return 1;
-    if (!PyObject_HasAttrString(x, "__dlpack_device__")) return 0;
-    PyObject *dev = PyObject_CallMethod(x, "__dlpack_device__", NULL);
-    int type = 0, id = 0;
-    if (!dev) {
-        PyErr_Clear();
-        return 0;
-    }
-    if (!PyArg_ParseTuple(dev, "ii", &type, &id)) PyErr_Clear();
-    Py_DECREF(dev);
-    return type == kDLCUDA || type == kDLCUDAManaged;
+    return PyObject_TypeCheck(x, st->DeviceArray_type) || l8_looks_like_device_array(x);
 }
 
 static PyObject *py_is_device_array(PyObject *mod, PyObject *x) {

@@ -80,23 +80,6 @@ static const l8_cuda_api *cuda_api(l8_state *st) {
 #endif
 }
 
-/* A CUDA array of any producer, told without importing llmint8._cuda: the CUDA Array
- * Interface, or a DLPack device of type CUDA. Never raises. */
-static int looks_like_device_array(PyObject *x) {
-    if (PyArray_Check(x)) return 0;
-    if (PyObject_HasAttrString(x, "__cuda_array_interface__")) return 1;
-    if (!PyObject_HasAttrString(x, "__dlpack_device__")) return 0;
-    PyObject *dev = PyObject_CallMethod(x, "__dlpack_device__", NULL);
-    int type = 0, id = 0;
-    if (!dev) {
-        PyErr_Clear();
-        return 0;
-    }
-    if (!PyArg_ParseTuple(dev, "ii", &type, &id)) PyErr_Clear();
-    Py_DECREF(dev);
-    return type == kDLCUDA || type == kDLCUDAManaged;
-}
-
 static const l8_backend *backend_for(l8_state *st, int device, void **ctx, PyObject **cuda_module) {
     *ctx = NULL;
     *cuda_module = NULL;
@@ -262,7 +245,7 @@ static PyObject *linear_forward(PyObject *op, PyObject *args, PyObject *kw) {
     /* device arrays stay on the device: no host round trip */
     const l8_cuda_api *api =
         self->cuda_module ? ((l8_state *)PyModule_GetState(self->module))->cuda_api : NULL; /* CUDA layers only */
-    if (api ? api->is_device_input(self->cuda_module, xo) : looks_like_device_array(xo)) {
+    if (api ? api->is_device_input(self->cuda_module, xo) : l8_looks_like_device_array(xo)) {
         PyObject *r = NULL;
         if (L->device < 0)
             PyErr_SetString(PyExc_TypeError, "x is a CUDA device array but this layer is on the cpu; pass a NumPy "

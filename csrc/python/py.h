@@ -35,8 +35,12 @@ typedef struct {
 } l8_Int8LinearObject;
 
 /* Raise the Python exception for a failed status; returns NULL for `return l8_raise(&st);`
- * (errors.c, in both modules). */
+ * (shared.c, in both modules). */
 PyObject *l8_raise(const l8_status *st);
+
+/* 1 when x is a CUDA array of any producer: the CUDA Array Interface, or a DLPack device of
+ * type CUDA (a look at the object only: no import, no GPU call). Never raises; shared.c. */
+int l8_looks_like_device_array(PyObject *x);
 
 /* The module (borrowed) that created tp or one of its bases, and its state (works for
  * Python subclasses too); module.c. */
