@@ -9,19 +9,15 @@ The saved folder loads with ``llmint8.models.load_model(DIR)`` and is accepted b
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
-import sys
 import time
 
-
-class _UsageError(Exception):
-    pass
+from .._cli import ArgumentParser, CommandError, UsageError, check_input_file, check_output_dir
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def _parser() -> ArgumentParser:
+    p = ArgumentParser(
         prog="python -m llmint8 quantize",
         description="Quantize a model's linear layers with LLM.int8() and save the result to a folder.")
     p.add_argument("--model", required=True, help="zoo name (e.g. stories260K, smollm2-135m) or a path "
@@ -39,53 +35,30 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=6.0, help="outlier threshold (default 6.0)")
     p.add_argument("--overwrite", action="store_true", help="replace a model already saved in --out")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-
-    def error(message):
-        raise _UsageError(message)
-
-    p.error = error
     return p
 
 
 def quantize_main(argv: list[str]) -> int:
-    """Entry point of ``python -m llmint8 quantize``; returns the exit code (0 ok, 2 for a bad
-    argument, 1 when loading, quantizing or writing fails). Errors are one line on stderr."""
-    prog = "python -m llmint8 quantize"
-    try:
-        args = _parser().parse_args(argv)
-    except _UsageError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
-    except SystemExit as e:  # --help
-        return int(e.code or 0)
+    """Entry point of ``python -m llmint8 quantize`` (run through llmint8._cli.run_command):
+    UsageError (exit 2) for a bad argument or a model that cannot be quantized, found before
+    any work; CommandError (exit 1) when quantizing or writing fails."""
+    args = _parser().parse_args(argv)
     if not math.isfinite(args.threshold) or args.threshold < 0:
-        print(f"{prog}: error: --threshold must be a finite number >= 0, got {args.threshold}", file=sys.stderr)
-        return 2
+        raise UsageError(f"--threshold must be a finite number >= 0, got {args.threshold}")
     if args.calibration_tokens < 1:
-        print(f"{prog}: error: --calibration-tokens must be >= 1", file=sys.stderr)
-        return 2
-    if args.calibration_text is not None and not os.path.isfile(args.calibration_text):
-        print(f"{prog}: error: calibration text {args.calibration_text!r} is not a readable file", file=sys.stderr)
-        return 2
-    out = args.out
-    if os.path.exists(out) and not os.path.isdir(out):
-        print(f"{prog}: error: --out {out!r} exists and is not a folder", file=sys.stderr)
-        return 2
+        raise UsageError("--calibration-tokens must be >= 1")
+    if args.calibration_text is not None:
+        check_input_file(args.calibration_text, "calibration text")
+    out = check_output_dir(args.out, "--out")
     if os.path.exists(os.path.join(out, "config.json")) and not args.overwrite:
-        print(f"{prog}: error: --out {out!r} already holds a model; pass --overwrite to replace it", file=sys.stderr)
-        return 2
-    parent = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-        print(f"{prog}: error: cannot create --out {out!r}: {parent!r} is not a writable folder", file=sys.stderr)
-        return 2
+        raise UsageError(f"--out {out!r} already holds a model; pass --overwrite to replace it")
     progress = not args.no_progress
     if progress:
         try:
             import tqdm  # noqa: F401
         except ModuleNotFoundError:
-            print(f"{prog}: error: progress bars need tqdm (pip install 'llmint8[models]'), or pass --no-progress",
-                  file=sys.stderr)
-            return 2
+            raise UsageError("progress bars need tqdm (pip install 'llmint8[models]'), or pass --no-progress") \
+                from None
 
     from . import load_model, save_quantized
     from .zoo import ZooError
@@ -94,32 +67,25 @@ def quantize_main(argv: list[str]) -> int:
     try:
         model = load_model(args.model)
     except (FileNotFoundError, ValueError, ZooError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
+        raise UsageError(str(e)) from None
     if model.method != "float":
-        print(f"{prog}: error: {args.model!r} is already quantized ({model.method}); give the float model",
-              file=sys.stderr)
-        return 2
+        raise UsageError(f"{args.model!r} is already quantized ({model.method}); give the float model")
+    calib = None
+    if args.calibration_text is not None:
+        if model.tokenizer is None:
+            raise UsageError(f"model {args.model!r} has no tokenizer to encode the calibration text")
+        with open(args.calibration_text, encoding="utf-8", errors="replace") as f:
+            text = f.read(args.calibration_tokens * 16)
+        calib = model.tokenizer.encode(text, bos=True)[: args.calibration_tokens]
+        if len(calib) < 1:
+            raise UsageError("the calibration text holds no tokens")
     try:
-        calib = None
-        if args.calibration_text is not None:
-            if model.tokenizer is None:
-                print(f"{prog}: error: model {args.model!r} has no tokenizer to encode the calibration text",
-                      file=sys.stderr)
-                return 2
-            with open(args.calibration_text, encoding="utf-8", errors="replace") as f:
-                text = f.read(args.calibration_tokens * 16)
-            calib = model.tokenizer.encode(text, bos=True)[: args.calibration_tokens]
-            if len(calib) < 1:
-                print(f"{prog}: error: the calibration text holds no tokens", file=sys.stderr)
-                return 2
         q = model.quantize("llm.int8", threshold=args.threshold, calibration_tokens=calib, progress=progress)
         save_quantized(q, out, format=args.format, overwrite=args.overwrite, progress=progress)
     except (ValueError, OSError, RuntimeError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 1
+        raise CommandError(str(e)) from None
     size = sum(os.path.getsize(os.path.join(out, x)) for x in os.listdir(out))
-    n_out = sum(len(layer.layer.outlier_columns) for layer in q.linears.values())
+    n_out = sum(len(layer.outlier_columns) for layer in q.linears.values())
     print(f"saved {model.name} ({model.n_params:,} parameters) as llm.int8 ({args.format} format, threshold "
           f"{args.threshold:g}, {len(calib) if calib is not None else 0} calibration tokens, {n_out} known outlier "
           f"columns) to {out}: {size / 2**20:.2f} MiB in {time.perf_counter() - t0:.1f} s")

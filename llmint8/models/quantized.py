@@ -227,17 +227,6 @@ def _load_tokenizer(folder: str, bos_id=None, eos_id=None):
 # --------------------------------------------------------------------------- saving
 
 
-def _fused_part_layer(model, name, part):
-    """The Int8Linear of one part of a fused layer: the part's rows of the fused weights, scales
-    and bias (bit-identical outputs; see _FusedPart.part_dict)."""
-    import llmint8
-
-    d = part.part_dict()
-    if model.weights.get(name + ".bias") is None:  # the fused layer stacks zeros for bias-free parts
-        d.pop("bias", None)
-    return llmint8.Int8Linear.from_dict(d, device=part.fused.layer.layer.device)
-
-
 def _int8_layers(model):
     from .transformer import Int8LinearLayer, _FusedPart
 
@@ -248,7 +237,7 @@ def _int8_layers(model):
     for n in model.linear_names:
         layer = model.linears[n]
         if isinstance(layer, _FusedPart):  # one part of a fused q/k/v or gate/up layer: its rows
-            out[n] = _fused_part_layer(model, n, layer)
+            out[n] = layer.layer
             continue
         if not isinstance(layer, Int8LinearLayer):
             raise ValueError(f"layer {n} is a {type(layer).__name__}, not an llmint8 Int8Linear; "

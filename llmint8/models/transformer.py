@@ -100,6 +100,11 @@ class Int8LinearLayer:
         """Bytes held by the Int8Linear (int8 weight, scales, fp16 outlier columns, bias)."""
         return int(self.layer.nbytes)
 
+    @property
+    def outlier_columns(self):
+        """The layer's known outlier columns (int32, sorted)."""
+        return self.layer.outlier_columns
+
     def __call__(self, x):
         if x.dtype not in (np.float16, np.float32):
             x = x.astype(np.float32)
@@ -144,12 +149,14 @@ class FusedLinear:
     one GEMM runs instead of several. Row-wise weight scales and per-row activation scales make
     every output element identical to the separate layers' (same int8 products, same scales).
 
-    ``parts``: the names, in output order; ``sizes``: their output features."""
+    ``parts``: the names, in output order; ``sizes``: their output features; ``has_bias``: which
+    parts had a bias of their own (the stacked bias holds zeros for the others)."""
 
-    def __init__(self, layer, names, sizes):
+    def __init__(self, layer, names, sizes, has_bias=None):
         self.layer = layer
         self.names = list(names)
         self.bounds = np.cumsum([0] + list(sizes)).tolist()
+        self.has_bias = [True] * len(self.names) if has_bias is None else list(has_bias)
 
     def __call__(self, x):
         """x: (n, in) -> list of (n, out_i) float32, one per part (views into one array)."""
@@ -178,15 +185,22 @@ class _FusedPart:
     def __call__(self, x):
         return self.fused(x)[self.index]
 
+    @property
+    def outlier_columns(self):
+        """The known outlier columns, shared by every part (they read the same input)."""
+        return self.fused.layer.layer.outlier_columns
+
     def part_dict(self) -> dict:
         """This part's rows of the fused layer as :meth:`llmint8.Int8Linear.to_dict` arrays
         (copies). Row scales are per output row, so a layer built from them computes this part
-        bit for bit. A bias-free part gets the zeros the fused bias holds for it."""
+        bit for bit. A part that had no bias gets none (not the zeros stacked for it)."""
         d = self.fused.layer.layer.to_dict()
         a, b = self.fused.bounds[self.index], self.fused.bounds[self.index + 1]
         for key in ("weight_int8", "weight_scale", "outlier_weight", "bias"):
             if key in d:
                 d[key] = d[key][a:b]
+        if not self.fused.has_bias[self.index]:
+            d.pop("bias", None)
         return d
 
     @property
@@ -478,7 +492,7 @@ class Model:
                 layer = Int8LinearLayer(np.concatenate(ws, axis=0),
                                         _stack_bias([self.weights.get(n + ".bias") for n in group], sizes),
                                         threshold=thr, device=device)
-                fl = FusedLinear(layer, group, sizes)
+                fl = FusedLinear(layer, group, sizes, [self.weights.get(n + ".bias") is not None for n in group])
                 fused[group[0]] = fl
                 for j, n in enumerate(group):
                     linears[n] = _FusedPart(fl, j, method)
