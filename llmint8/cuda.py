@@ -41,11 +41,8 @@ Notes:
 """
 from __future__ import annotations
 
-import numpy as np
-
 from . import _C
 
-_DLPACK_CUDA = (2, 13)  # kDLCUDA, kDLCUDAManaged
 
 __all__ = ["available", "device_count", "unavailable_reason", "DeviceArray", "to_device", "is_device_array",
            "set_stream", "get_stream", "synchronize"]
@@ -124,21 +121,8 @@ def is_device_array(x) -> bool:
     """True for a DeviceArray or any object exporting CUDA memory by DLPack or the CUDA Array Interface.
 
     Looks only at the object (no import of the CUDA backend, no GPU call): CPU layers ask
-    this of every input."""
-    m = _state["module"]
-    if m is not None and isinstance(x, m.DeviceArray):
-        return True
-    if isinstance(x, np.ndarray):
-        return False
-    if hasattr(x, "__cuda_array_interface__"):
-        return True
-    dev = getattr(x, "__dlpack_device__", None)
-    if dev is None:
-        return False
-    try:
-        return dev()[0] in _DLPACK_CUDA
-    except Exception:
-        return False
+    this of every input. The same test the C layer makes (csrc/python/shared.c)."""
+    return bool(_C._is_cuda_array(x))
 
 
 def set_stream(handle: int) -> None:

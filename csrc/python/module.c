@@ -55,6 +55,11 @@ static PyObject *py_set_num_threads(PyObject *mod, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
+static PyObject *py_is_cuda_array(PyObject *mod, PyObject *x) {
+    (void)mod;
+    return PyBool_FromLong(l8_looks_like_device_array(x));
+}
+
 static PyObject *py_get_num_threads(PyObject *mod, PyObject *unused) {
     (void)unused;
     return PyLong_FromLong(num_threads(PyModule_GetState(mod)));
@@ -140,6 +145,9 @@ static PyObject *py_build_info(PyObject *mod, PyObject *unused) {
 static PyMethodDef module_methods[] = {
     {"set_num_threads", py_set_num_threads, METH_O, "set_num_threads(n): threads for CPU work (0 = default)."},
     {"get_num_threads", py_get_num_threads, METH_NOARGS, "get_num_threads() -> threads used for CPU work."},
+    {"_is_cuda_array", py_is_cuda_array, METH_O,
+     "_is_cuda_array(x) -> bool: x exports CUDA memory by the CUDA Array Interface or DLPack (a look at\n"
+     "the object only: no import of llmint8._cuda, no GPU call)."},
     {"build_info", py_build_info, METH_NOARGS, "build_info() -> dict: how this extension was built."},
     {"cpu_kernels", py_cpu_kernels, METH_NOARGS,
      "cpu_kernels() -> list of str: the CPU GEMM kernels this CPU and build can run, slowest first."},
