@@ -199,10 +199,10 @@ class BuildExt(build_ext):
             self.build_temp = base
 
 
-def _extension(name, sources, extra_flags=()):
+def _extension(name, sources):
     return Extension(name, sources=sources, include_dirs=[np.get_include()] + INCLUDE_DIRS,
                      define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_23_API_VERSION")],
-                     extra_compile_args=C_FLAGS + list(extra_flags), depends=list(HEADERS))
+                     extra_compile_args=list(C_FLAGS), depends=list(HEADERS))
 
 
 extensions = [
