@@ -59,6 +59,7 @@ def _base_config(**kw) -> dict:
         vocab_size=None, hidden_dim=None, max_seq_len=2048,
         norm="rms", norm_eps=1e-5, act="silu", gated=True,
         rope="half", rope_theta=10000.0, rotary_dim=None, rope_local_theta=None, rope_scaling=None,
+        rope_local_scaling=None,
         pos_offset=0, parallel_residual=False, sandwich_norm=False, qk_norm=False,
         embed_scale=1.0, attn_scale=None, sliding_window=None, sliding_layers=None,
         tie_embeddings=True, bos_id=None, eos_id=None,
@@ -125,6 +126,109 @@ def validate_weights(path: str, cfg: dict, weights: dict) -> None:
                 raise ValueError(f"{path}: bias {name!r} has shape {tuple(w.shape)}, expected ({out},)")
 
 
+# --------------------------------------------------------------------------- RoPE configuration
+
+# RoPE frequency schemes llmint8 implements (transformers' ``rope_type`` names), each with the
+# keys it needs; ``default`` is plain ``theta ** (-2i / d)``.
+ROPE_SCALING_KEYS = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+ROPE_TYPES = ("default",) + tuple(ROPE_SCALING_KEYS)
+# transformers 5 gives models with local and global attention one RoPE entry per layer type
+_ROPE_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def canonical_rope_scaling(rs, where: str):
+    """The canonical form of a RoPE scaling dict (``rope_scaling`` of transformers 4, or a
+    ``rope_parameters`` entry of transformers 5): None for the default scheme, else
+    ``{"rope_type": kind, <the keys ROPE_SCALING_KEYS[kind] lists> as floats}``. ``where``
+    names the dict in errors. Raises ValueError for a scheme llmint8 does not implement (naming
+    it and the implemented ones) and for a missing or impossible parameter; nothing is guessed."""
+    if rs is None:
+        return None
+    if not isinstance(rs, dict):
+        raise ValueError(f"{where} is {rs!r}; expected an object such as {{'rope_type': 'linear', 'factor': 2.0}}")
+    kind = rs.get("rope_type", rs.get("type", "default"))
+    if kind == "default":
+        return None
+    if kind not in ROPE_SCALING_KEYS:
+        raise ValueError(f"{where}: RoPE type {kind!r} is not supported; llmint8 implements "
+                         f"{', '.join(repr(k) for k in ROPE_TYPES)}")
+    out = {"rope_type": kind}
+    for k in ROPE_SCALING_KEYS[kind]:
+        v = rs.get(k)
+        if not _finite_positive(v):
+            raise ValueError(f"{where}.{k} is {v!r}; RoPE type {kind!r} needs a finite number > 0")
+        out[k] = float(v)
+    if kind == "llama3" and not out["high_freq_factor"] > out["low_freq_factor"]:
+        raise ValueError(f"{where}: high_freq_factor={out['high_freq_factor']!r} must exceed "
+                         f"low_freq_factor={out['low_freq_factor']!r} for RoPE type 'llama3'")
+    return out
+
+
+def _rope_theta(v, where):
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"{where}={v!r} is not a number")
+    return float(v)
+
+
+def hf_rope(hc: dict, cpath: str, default_theta: float = 10000.0, local_default_theta=None) -> dict:
+    """RoPE settings of a Hugging Face config in canonical keys: ``rope_theta``,
+    ``rope_scaling``, ``rope_local_theta`` and ``rope_local_scaling`` (the last two for models
+    with sliding-window layers whose RoPE differs, Gemma 3), and ``partial_rotary_factor``.
+
+    Reads both conventions: transformers 5's ``rope_parameters`` (one dict
+    ``{"rope_theta": ..., "rope_type": ..., <scaling keys>}``, or one such dict per layer type
+    ``full_attention`` / ``sliding_attention``), and the older top-level ``rope_theta`` with
+    ``rope_scaling`` (and Gemma 3's ``rope_local_base_freq``). As transformers 5 does, a value in
+    ``rope_parameters`` wins over the top-level one; where both are written they normally agree."""
+    rp = hc.get("rope_parameters")
+    top_theta = hc.get("rope_theta")
+    top_theta = default_theta if top_theta is None else _rope_theta(top_theta, f"{cpath}: rope_theta")
+    top_local = hc.get("rope_local_base_freq")
+    top_local = local_default_theta if top_local is None else _rope_theta(top_local, f"{cpath}: rope_local_base_freq")
+    prf = hc.get("partial_rotary_factor")
+    out = dict(rope_theta=top_theta, rope_scaling=canonical_rope_scaling(hc.get("rope_scaling"), f"{cpath}: rope_scaling"),
+               rope_local_theta=top_local, rope_local_scaling=None, partial_rotary_factor=prf)
+    if rp is None:
+        return out
+    if not isinstance(rp, dict):
+        raise ValueError(f"{cpath}: rope_parameters is {rp!r}; expected an object")
+    per_type = [k for k in rp if k in _ROPE_LAYER_TYPES]
+    if per_type:
+        other = [k for k in rp if k not in _ROPE_LAYER_TYPES]
+        if other or not all(isinstance(rp[k], dict) for k in per_type):
+            raise ValueError(f"{cpath}: rope_parameters mixes per-layer-type entries {per_type} with {other}; "
+                             f"expected either one object per layer type ({', '.join(_ROPE_LAYER_TYPES)}) "
+                             f"or one object for every layer")
+        glob, loc = rp.get("full_attention"), rp.get("sliding_attention")
+    else:
+        glob, loc = rp, None
+    if glob is not None:
+        w = f"{cpath}: rope_parameters" + (".full_attention" if per_type else "")
+        if glob.get("rope_theta") is not None:
+            out["rope_theta"] = _rope_theta(glob["rope_theta"], w + ".rope_theta")
+        out["rope_scaling"] = canonical_rope_scaling(glob, w)
+        if glob.get("partial_rotary_factor") is not None:
+            out["partial_rotary_factor"] = glob["partial_rotary_factor"]
+    if loc is not None:
+        w = f"{cpath}: rope_parameters.sliding_attention"
+        if loc.get("rope_theta") is not None:
+            out["rope_local_theta"] = _rope_theta(loc["rope_theta"], w + ".rope_theta")
+        out["rope_local_scaling"] = canonical_rope_scaling(loc, w)
+    return out
+
+
+def _rotary_dim(head_dim: int, prf, cpath: str):
+    """head_dim * partial_rotary_factor as an even integer (None = the whole head)."""
+    if prf is None:
+        return None
+    if not _finite_positive(prf) or float(prf) > 1:
+        raise ValueError(f"{cpath}: partial_rotary_factor={prf!r}; expected a number in (0, 1]")
+    return int(head_dim * float(prf))
+
+
 # where each canonical config value comes from, for error messages
 _CONFIG_SOURCES = {
     "dim": "hidden_size / n_embd / embedding_length", "n_layers": "num_hidden_layers / n_layer / block_count",
@@ -136,6 +240,12 @@ _CONFIG_SOURCES = {
     "rotary_dim": "rotary_pct / rope.dimension_count", "embed_scale": "hidden_size",
     "attn_scale": "query_pre_attn_scalar", "sliding_window": "sliding_window",
 }
+
+
+_NORMS = ("rms", "layer")
+_ROPE_STYLES = (None, "half", "interleaved")
+_ACT_NAMES = ("silu", "gelu", "gelu_tanh", "relu")
+_BOOL_KEYS = ("gated", "tie_embeddings", "parallel_residual", "sandwich_norm", "qk_norm")
 
 
 def _finite_positive(v) -> bool:
@@ -163,6 +273,24 @@ def validate_config(path: str, cfg: dict) -> None:
         bad("n_kv_heads", cfg["n_kv_heads"], f"a divisor of n_heads={cfg['n_heads']}")
     if not _finite_positive(cfg.get("norm_eps")):
         bad("norm_eps", cfg.get("norm_eps"), "a finite number > 0")
+    # the switches of the runner: a value outside these sets would silently pick another computation
+    for key, allowed in (("norm", _NORMS), ("rope", _ROPE_STYLES), ("act", _ACT_NAMES)):
+        v = cfg.get(key)
+        if isinstance(v, bool) or v not in allowed:
+            bad(key, v, "one of " + ", ".join("null" if a is None else repr(a) for a in allowed))
+    for key in _BOOL_KEYS:
+        v = cfg.get(key)
+        if not isinstance(v, (bool, np.bool_)):
+            bad(key, v, "true or false")
+    if not isinstance(cfg.get("arch"), str) or not cfg["arch"]:
+        bad("arch", cfg.get("arch"), "a non-empty string")
+    po = cfg.get("pos_offset", 0)
+    if isinstance(po, bool) or not isinstance(po, (int, np.integer)) or po < 0:
+        bad("pos_offset", po, "an integer >= 0")
+    sl = cfg.get("sliding_layers")
+    if sl is not None and (not isinstance(sl, (list, tuple)) or len(sl) != cfg["n_layers"]
+                           or not all(isinstance(b, (bool, np.bool_)) for b in sl)):
+        bad("sliding_layers", sl, f"null or a list of n_layers={cfg['n_layers']} true/false values")
     if cfg.get("rope"):
         if not _finite_positive(cfg.get("rope_theta")):
             bad("rope_theta", cfg.get("rope_theta"), "a finite number > 0")
@@ -171,13 +299,9 @@ def validate_config(path: str, cfg: dict) -> None:
         rd = cfg.get("rotary_dim")
         if isinstance(rd, bool) or not isinstance(rd, (int, np.integer)) or not 0 < rd <= cfg["head_dim"] or rd % 2:
             bad("rotary_dim", rd, f"an even integer in 2..head_dim={cfg['head_dim']}")
-        rs = cfg.get("rope_scaling")
-        if rs is not None:
-            if not isinstance(rs, dict):
-                bad("rope_scaling", rs, "an object")
-            kind = rs.get("rope_type", rs.get("type"))
-            if kind not in (None, "default") and not _finite_positive(rs.get("factor")):
-                bad("rope_scaling.factor", rs.get("factor"), "a finite number > 0")
+        for key in ("rope_scaling", "rope_local_scaling"):
+            # raises naming an unimplemented RoPE type, or a missing / impossible parameter
+            canonical_rope_scaling(cfg.get(key), f"{path}: config value {key}")
     es = cfg.get("embed_scale", 1.0)
     if not _finite_positive(es):
         bad("embed_scale", es, "a finite number > 0")
@@ -443,7 +567,7 @@ def hf_checkpoint(folder: str, hc: dict, tensors: dict) -> Checkpoint:
     if mt not in builders:
         raise ValueError(f"{cpath}: model_type {mt!r} is not supported; expected one of {sorted(builders)}")
     try:
-        cfg, w = builders[mt](hc, tensors)
+        cfg, w = builders[mt](hc, tensors, cpath)
     except KeyError as e:
         raise ValueError(f"{folder}: tensor or config key {e} missing for model_type {mt!r}") from None
     except TypeError as e:
@@ -475,22 +599,35 @@ def _hf_int(hc, *keys, default=None):
     raise KeyError(keys[0])
 
 
-def _hf_llama(hc, t):
+def _hf_bool(hc, key, default: bool) -> bool:
+    """A true/false config value; JSON strings such as "false" are refused, not read as true."""
+    v = hc.get(key)
+    if v is None:
+        return default
+    if isinstance(v, bool):
+        return v
+    raise ValueError(f"config.json: {key}={v!r} is not a boolean (expected true or false)")
+
+
+def _hf_llama(hc, t, cpath="config.json"):
     t = _strip_prefix(t, ("model.",))
     d = _hf_int(hc, "hidden_size")
     H = _hf_int(hc, "num_attention_heads")
     L = _hf_int(hc, "num_hidden_layers")
     _check_positive("config.json", dim=d, n_heads=H, n_layers=L)
+    hd = _hf_int(hc, "head_dim", default=d // H)
+    rope = hf_rope(hc, cpath)
     cfg = _base_config(arch="llama", dim=d, n_layers=L, n_heads=H,
                        n_kv_heads=_hf_int(hc, "num_key_value_heads", default=H),
-                       head_dim=hc.get("head_dim") or d // H, vocab_size=_hf_int(hc, "vocab_size"),
+                       head_dim=hd, vocab_size=_hf_int(hc, "vocab_size"),
                        hidden_dim=_hf_int(hc, "intermediate_size"),
                        max_seq_len=_hf_int(hc, "max_position_embeddings", default=2048),
                        norm_eps=float(hc.get("rms_norm_eps", 1e-6)), act=_act(hc.get("hidden_act", "silu")),
-                       rope_theta=float(hc.get("rope_theta", 10000.0)), rope_scaling=hc.get("rope_scaling"),
-                       tie_embeddings=bool(hc.get("tie_word_embeddings", False)))
+                       rope_theta=rope["rope_theta"], rope_scaling=rope["rope_scaling"],
+                       rotary_dim=_rotary_dim(hd, rope["partial_rotary_factor"], cpath),
+                       tie_embeddings=_hf_bool(hc, "tie_word_embeddings", False))
     window = hc.get("sliding_window")
-    if window and (hc.get("model_type") == "mistral" or hc.get("use_sliding_window")):
+    if window and (hc.get("model_type") == "mistral" or _hf_bool(hc, "use_sliding_window", False)):
         # Mistral-style local attention on every layer (only matters beyond `window` tokens)
         cfg["sliding_window"] = int(window)
         cfg["sliding_layers"] = [True] * L
@@ -510,13 +647,14 @@ def _hf_llama(hc, t):
     return cfg, w
 
 
-def _hf_gemma3(hc, t):
+def _hf_gemma3(hc, t, cpath="config.json"):
     t = _strip_prefix(t, ("model.language_model.", "language_model.model.", "model."))
     d = _hf_int(hc, "hidden_size")
     H = _hf_int(hc, "num_attention_heads")
     L = _hf_int(hc, "num_hidden_layers")
     _check_positive("config.json", dim=d, n_heads=H, n_layers=L)
     hd = _hf_int(hc, "head_dim", default=256)
+    rope = hf_rope(hc, cpath, default_theta=1e6, local_default_theta=10000.0)
     window = hc.get("sliding_window")
     if hc.get("layer_types"):
         sliding = [lt == "sliding_attention" for lt in hc["layer_types"]]
@@ -529,9 +667,10 @@ def _hf_gemma3(hc, t):
                        max_seq_len=_hf_int(hc, "max_position_embeddings", default=32768),
                        norm_eps=float(hc.get("rms_norm_eps", 1e-6)),
                        act=_act(hc.get("hidden_activation") or hc.get("hidden_act") or "gelu_pytorch_tanh"),
-                       rope_theta=float(hc.get("rope_theta", 1e6)),
-                       rope_local_theta=float(hc.get("rope_local_base_freq", 10000.0)),
-                       rope_scaling=hc.get("rope_scaling"), sandwich_norm=True, qk_norm=True,
+                       rope_theta=rope["rope_theta"], rope_local_theta=rope["rope_local_theta"],
+                       rope_scaling=rope["rope_scaling"], rope_local_scaling=rope["rope_local_scaling"],
+                       rotary_dim=_rotary_dim(hd, rope["partial_rotary_factor"], cpath),
+                       sandwich_norm=True, qk_norm=True,
                        embed_scale=float(np.sqrt(d)),
                        attn_scale=float(hc.get("query_pre_attn_scalar", hd)) ** -0.5,
                        sliding_window=window, sliding_layers=sliding, tie_embeddings=True)
@@ -554,7 +693,7 @@ def _hf_gemma3(hc, t):
     return cfg, w
 
 
-def _hf_gpt2(hc, t):
+def _hf_gpt2(hc, t, cpath="config.json"):
     t = _strip_prefix(t, ("transformer.",))
     d = _hf_int(hc, "n_embd", "hidden_size")
     H = _hf_int(hc, "n_head", "num_attention_heads")
@@ -589,13 +728,13 @@ def _hf_gpt2(hc, t):
     return cfg, w
 
 
-def _hf_opt(hc, t):
+def _hf_opt(hc, t, cpath="config.json"):
     t = _strip_prefix(t, ("model.decoder.", "decoder."))
     d = _hf_int(hc, "hidden_size")
     H = _hf_int(hc, "num_attention_heads")
     L = _hf_int(hc, "num_hidden_layers")
     _check_positive("config.json", dim=d, n_heads=H, n_layers=L)
-    if not hc.get("do_layer_norm_before", True) or hc.get("word_embed_proj_dim", d) != d:
+    if not _hf_bool(hc, "do_layer_norm_before", True) or hc.get("word_embed_proj_dim", d) != d:
         raise ValueError("OPT variants with post-layer-norm or projected embeddings (opt-350m) are not supported")
     cfg = _base_config(arch="opt", dim=d, n_layers=L, n_heads=H, vocab_size=_hf_int(hc, "vocab_size"),
                        hidden_dim=_hf_int(hc, "ffn_dim"), max_seq_len=_hf_int(hc, "max_position_embeddings", default=2048),
@@ -603,7 +742,7 @@ def _hf_opt(hc, t):
                        rope=None, pos_offset=2, tie_embeddings=True, bos_id=hc.get("bos_token_id", 2))
     w = {"embed": _float(t["embed_tokens.weight"]), "pos_embed": _float(t["embed_positions.weight"]),
          "final_norm.weight": _float(t["final_layer_norm.weight"]), "final_norm.bias": _float(t["final_layer_norm.bias"])}
-    w["lm_head.weight"] = _float(t["lm_head.weight"]) if "lm_head.weight" in t and not hc.get("tie_word_embeddings", True) else w["embed"]
+    w["lm_head.weight"] = _float(t["lm_head.weight"]) if "lm_head.weight" in t and not _hf_bool(hc, "tie_word_embeddings", True) else w["embed"]
     cfg["tie_embeddings"] = w["lm_head.weight"] is w["embed"]
     for i in range(L):
         s = p = f"layers.{i}."
@@ -618,22 +757,25 @@ def _hf_opt(hc, t):
     return cfg, w
 
 
-def _hf_neox(hc, t):
+def _hf_neox(hc, t, cpath="config.json"):
     t = _strip_prefix(t, ("gpt_neox.",))
     d = _hf_int(hc, "hidden_size")
     H = _hf_int(hc, "num_attention_heads")
     L = _hf_int(hc, "num_hidden_layers")
     _check_positive("config.json", dim=d, n_heads=H, n_layers=L)
     hd = d // H
-    rd = int(hd * float(hc.get("rotary_pct", 1.0)))
+    rope = hf_rope(hc, cpath, default_theta=_rope_theta(hc.get("rotary_emb_base", 10000.0),
+                                                        f"{cpath}: rotary_emb_base"))
+    prf = rope["partial_rotary_factor"] if rope["partial_rotary_factor"] is not None else hc.get("rotary_pct", 1.0)
+    rd = _rotary_dim(hd, prf, cpath)
     cfg = _base_config(arch="gpt_neox", dim=d, n_layers=L, n_heads=H, vocab_size=_hf_int(hc, "vocab_size"),
                        hidden_dim=_hf_int(hc, "intermediate_size"),
                        max_seq_len=_hf_int(hc, "max_position_embeddings", default=2048),
                        norm="layer", norm_eps=float(hc.get("layer_norm_eps", 1e-5)),
                        act=_act(hc.get("hidden_act", "gelu")), gated=False, rope="half", rotary_dim=rd,
-                       rope_theta=float(hc.get("rotary_emb_base", hc.get("rope_theta", 10000.0))),
-                       parallel_residual=bool(hc.get("use_parallel_residual", True)),
-                       tie_embeddings=bool(hc.get("tie_word_embeddings", False)))
+                       rope_theta=rope["rope_theta"], rope_scaling=rope["rope_scaling"],
+                       parallel_residual=_hf_bool(hc, "use_parallel_residual", True),
+                       tie_embeddings=_hf_bool(hc, "tie_word_embeddings", False))
     w = {"embed": _float(t["embed_in.weight"]), "final_norm.weight": _float(t["final_layer_norm.weight"]),
          "final_norm.bias": _float(t["final_layer_norm.bias"])}
     w["lm_head.weight"] = w["embed"] if cfg["tie_embeddings"] else _float(t["embed_out.weight"])
@@ -800,13 +942,22 @@ def load_gguf(path: str) -> Checkpoint:
                            rope_local_theta=10000.0, sandwich_norm=True, qk_norm=True,
                            embed_scale=float(np.sqrt(d)), attn_scale=hd ** -0.5, sliding_window=window,
                            sliding_layers=[bool((i + 1) % 6) for i in range(L)] if window else None, **common)
-        sf = fields.get("gemma3.rope.scaling.factor")
-        if sf and float(sf) != 1.0:
-            cfg["rope_scaling"] = {"rope_type": "linear", "factor": float(sf)}
     else:
         cfg = _base_config(arch=arch if arch != "llama" else "llama", act="silu",
                            rope_theta=float(g("rope.freq_base", 10000.0)),
                            rotary_dim=int(fields.get(f"{arch}.rope.dimension_count", hd)), **common)
+    # RoPE scaling as llama.cpp records it; a scheme we do not implement is refused, not ignored
+    kind = fields.get(f"{arch}.rope.scaling.type")
+    sf = fields.get(f"{arch}.rope.scaling.factor")
+    if kind in (None, "none", "linear") and sf is not None and float(sf) not in (0.0, 1.0):
+        cfg["rope_scaling"] = {"rope_type": "linear", "factor": float(sf)}
+    elif kind not in (None, "none", "linear"):
+        raise ValueError(f"{path}: {arch}.rope.scaling.type {kind!r} is not supported; llmint8 implements "
+                         f"'none' and 'linear' for GGUF files")
+    if "rope_freqs.weight" in tinfo:
+        raise ValueError(f"{path}: tensor rope_freqs.weight (per-frequency RoPE factors, as Llama 3.1+ GGUF files "
+                         f"store their 'llama3' scaling) is not supported; load the Hugging Face folder instead, "
+                         f"whose rope_parameters llmint8 reads")
     cfg["tie_embeddings"] = "output.weight" not in tinfo
 
     qtypes = set()

@@ -561,10 +561,11 @@ def load_quantized(folder: str, dtype: str = "float32", device: str | None = "cp
         raise ValueError(f"{cpath}: llmint8.config is missing or not an object")
     from .loaders import _base_config
 
-    try:
-        cfg = _base_config(**cfg)
-    except TypeError as e:
-        raise ValueError(f"{cpath}: llmint8.config is malformed ({e})") from None
+    unknown = sorted(set(cfg) - set(_base_config()))
+    if unknown:
+        raise ValueError(f"{cpath}: llmint8.config has unknown key(s) {', '.join(map(repr, unknown))}; "
+                         f"expected only {', '.join(sorted(_base_config()))}")
+    cfg = _base_config(**cfg)
     validate_config(cpath, cfg)
     widen = set(meta.get("widen") or ())
 
@@ -775,7 +776,12 @@ def load_bitsandbytes(folder: str, dtype: str = "float32", device: str | None = 
     if unused or any(id(v) in markers for v in w.values()):
         raise ValueError(f"{folder}: int8 tensors {unused[:4]} do not map onto this model's linear layers")
     validate_finite(folder, w)
-    m = Model(cfg, w, ck.tokenizer, name=ck.name, dtype=dtype, linears=linears, method="llm.int8")
+    tok = ck.tokenizer
+    if tok is None:
+        # a tokenizer without a tokenizer.json form (llama2.c's sentencepiece pieces) is saved
+        # beside the checkpoint as llmint8_tokenizer.json, in either format
+        tok = _load_tokenizer(folder, cfg.get("bos_id"), cfg.get("eos_id"))
+    m = Model(cfg, w, tok, name=ck.name, dtype=dtype, linears=linears, method="llm.int8")
     m.threshold = float(thr)
     m.source = os.path.abspath(folder)
     return m

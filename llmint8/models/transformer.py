@@ -254,30 +254,30 @@ def _activation(name, x):
 
 
 def _rope_freqs(cfg, layer):
+    """Inverse RoPE frequencies (rotary_dim // 2,) float64 of layer ``layer``: ``theta ** (-2i / d)``
+    with the config's scaling (``rope_scaling``; on Gemma 3's sliding-window layers
+    ``rope_local_theta`` and ``rope_local_scaling``), as transformers computes them."""
     rd = cfg["rotary_dim"]
-    theta = cfg["rope_theta"]
-    # Gemma 3 local (sliding-window) layers use their own base and no scaling
+    # Gemma 3 local (sliding-window) layers have their own base and scaling
     local = bool(cfg.get("rope_local_theta") and cfg.get("sliding_layers") and cfg["sliding_layers"][layer])
-    if local:
-        theta = cfg["rope_local_theta"]
+    theta = cfg["rope_local_theta"] if local else cfg["rope_theta"]
+    rs = cfg.get("rope_local_scaling") if local else cfg.get("rope_scaling")
     inv = 1.0 / (theta ** (np.arange(0, rd, 2, dtype=np.float64) / rd))
-    rs = cfg.get("rope_scaling")
-    if rs and not local:
-        kind = rs.get("rope_type", rs.get("type"))
-        if kind == "linear":
-            inv = inv / float(rs["factor"])
-        elif kind == "llama3":
-            # Llama 3.x frequency-dependent scaling
-            f, lo, hi = float(rs["factor"]), float(rs.get("low_freq_factor", 1.0)), float(rs.get("high_freq_factor", 4.0))
-            old = float(rs.get("original_max_position_embeddings", 8192))
-            wavelen = 2 * np.pi / inv
-            smooth = (old / wavelen - lo) / (hi - lo)
-            scaled = np.where(wavelen > old / lo, inv / f, inv)
-            mid = (wavelen <= old / lo) & (wavelen >= old / hi)
-            inv = np.where(mid, (1 - smooth) * inv / f + smooth * inv, scaled)
-        elif kind not in (None, "default"):
-            raise ValueError(f"rope_scaling type {kind!r} is not supported")
-    return inv
+    kind = rs.get("rope_type", rs.get("type")) if rs else None
+    if kind in (None, "default"):
+        return inv
+    if kind == "linear":
+        return inv / float(rs["factor"])
+    if kind == "llama3":
+        # Llama 3.x: long wavelengths divided by factor, short ones kept, a smooth blend between
+        f, lo, hi = float(rs["factor"]), float(rs["low_freq_factor"]), float(rs["high_freq_factor"])
+        old = float(rs["original_max_position_embeddings"])
+        wavelen = 2 * np.pi / inv
+        smooth = (old / wavelen - lo) / (hi - lo)
+        scaled = np.where(wavelen > old / lo, inv / f, inv)
+        mid = (wavelen <= old / lo) & (wavelen >= old / hi)
+        return np.where(mid, (1 - smooth) * inv / f + smooth * inv, scaled)
+    raise ValueError(f"RoPE type {kind!r} is not supported; llmint8 implements 'default', 'linear', 'llama3'")
 
 
 def _apply_rope(x, pos, inv, style, rd):
