@@ -20,7 +20,7 @@ __all__ = ["load_model", "save_quantized", "perplexity", "token_nll", "Model", "
 
 
 def load_model(name_or_path: str, dtype: str = "float32", tokenizer: str | None = None,
-               device: str | None = "cpu") -> Model:
+               device: str | None = "cpu", row_scale: str = "llmint8") -> Model:
     """Load a model by zoo name (see :mod:`llmint8.models.zoo`) or path.
 
     A path may be a llama2.c ``.bin`` (tokenizer ``tok{vocab}.bin``/``tokenizer.bin`` beside it, or
@@ -30,9 +30,11 @@ def load_model(name_or_path: str, dtype: str = "float32", tokenizer: str | None 
     ``tokenizer`` (a path, see :func:`llmint8.models.tokenizers.load_tokenizer`) replaces the
     tokenizer found beside the weights.
     ``dtype`` is the activation dtype, "float32" or "float16". Returns a float :class:`Model`, or
-    for a quantized folder a model whose ``method`` is "llm.int8" (or "vectorwise")."""
+    for a quantized folder a model whose ``method`` is "llm.int8" (or "vectorwise").
+    ``row_scale="bitsandbytes"`` (quantized folders only) computes the int8 layers as
+    bitsandbytes does (see :func:`llmint8.models.quantized.with_bitsandbytes_forward`)."""
     from . import zoo
-    from .quantized import detect_quantized_format, load_quantized_checkpoint
+    from .quantized import ROW_SCALES, detect_quantized_format, load_quantized_checkpoint
 
     path = str(name_or_path)
     if not os.path.exists(path):
@@ -41,9 +43,15 @@ def load_model(name_or_path: str, dtype: str = "float32", tokenizer: str | None 
         else:
             raise FileNotFoundError(f"{name_or_path!r} is neither an existing path nor a zoo model "
                                     f"(known: {', '.join(zoo.names())})")
+    if row_scale not in ROW_SCALES:
+        raise ValueError(f"row_scale must be one of {', '.join(map(repr, ROW_SCALES))}, got {row_scale!r}")
     kind = detect_quantized_format(path)
+    if row_scale != "llmint8" and kind is None:
+        raise ValueError(f"row_scale={row_scale!r} applies to quantized folders (llmint8 or bitsandbytes 8-bit); "
+                         f"{name_or_path!r} is a float model: quantize it, then use "
+                         f"llmint8.models.quantized.with_bitsandbytes_forward")
     if kind is not None:
-        m = load_quantized_checkpoint(path, kind, dtype=dtype, device=device)
+        m = load_quantized_checkpoint(path, kind, dtype=dtype, device=device, row_scale=row_scale)
         if tokenizer:
             from .tokenizers import load_tokenizer
 

@@ -160,7 +160,12 @@ def canonical_rope_scaling(rs, where: str):
         v = rs.get(k)
         if not _finite_positive(v):
             raise ValueError(f"{where}.{k} is {v!r}; RoPE type {kind!r} needs a finite number > 0")
-        out[k] = float(v)
+        if k == "original_max_position_embeddings":
+            if float(v) != int(v):
+                raise ValueError(f"{where}.{k} is {v!r}; expected an integer (a sequence length)")
+            out[k] = int(v)
+        else:
+            out[k] = float(v)
     if kind == "llama3" and not out["high_freq_factor"] > out["low_freq_factor"]:
         raise ValueError(f"{where}: high_freq_factor={out['high_freq_factor']!r} must exceed "
                          f"low_freq_factor={out['low_freq_factor']!r} for RoPE type 'llama3'")
@@ -173,50 +178,73 @@ def _rope_theta(v, where):
     return float(v)
 
 
-def hf_rope(hc: dict, cpath: str, default_theta: float = 10000.0, local_default_theta=None) -> dict:
-    """RoPE settings of a Hugging Face config in canonical keys: ``rope_theta``,
-    ``rope_scaling``, ``rope_local_theta`` and ``rope_local_scaling`` (the last two for models
-    with sliding-window layers whose RoPE differs, Gemma 3), and ``partial_rotary_factor``.
+def _rope_dict(v, where):
+    if v is not None and not isinstance(v, dict):
+        raise ValueError(f"{where} is {v!r}; expected an object")
+    return dict(v or {})
 
-    Reads both conventions: transformers 5's ``rope_parameters`` (one dict
-    ``{"rope_theta": ..., "rope_type": ..., <scaling keys>}``, or one such dict per layer type
-    ``full_attention`` / ``sliding_attention``), and the older top-level ``rope_theta`` with
-    ``rope_scaling`` (and Gemma 3's ``rope_local_base_freq``). As transformers 5 does, a value in
-    ``rope_parameters`` wins over the top-level one; where both are written they normally agree."""
+
+def hf_rope(hc: dict, cpath: str) -> dict:
+    """RoPE settings of a Hugging Face config in canonical keys: ``rope_theta``,
+    ``rope_scaling``, ``rope_local_theta`` and ``rope_local_scaling`` (Gemma 3's sliding-window
+    layers), and ``partial_rotary_factor`` (None = the whole head).
+
+    Reads both conventions as transformers 5 resolves them: ``rope_parameters`` (one dict
+    ``{"rope_theta", "rope_type", <scaling keys>}``, or for Gemma 3 one per layer type,
+    ``full_attention`` / ``sliding_attention``), and the older top-level ``rope_theta``,
+    ``rope_scaling``, ``rope_local_base_freq`` (Gemma 3), ``rotary_emb_base`` / ``rotary_pct``
+    (GPT-NeoX). A ``rope_theta`` inside the dict wins over the top-level one; an old
+    ``rope_scaling`` replaces ``rope_parameters`` (Gemma 3: updates its ``full_attention``)."""
+    mt = hc.get("model_type")
+    rs = _rope_dict(hc.get("rope_scaling"), f"{cpath}: rope_scaling")
     rp = hc.get("rope_parameters")
-    top_theta = hc.get("rope_theta")
-    top_theta = default_theta if top_theta is None else _rope_theta(top_theta, f"{cpath}: rope_theta")
-    top_local = hc.get("rope_local_base_freq")
-    top_local = local_default_theta if top_local is None else _rope_theta(top_local, f"{cpath}: rope_local_base_freq")
-    prf = hc.get("partial_rotary_factor")
-    out = dict(rope_theta=top_theta, rope_scaling=canonical_rope_scaling(hc.get("rope_scaling"), f"{cpath}: rope_scaling"),
-               rope_local_theta=top_local, rope_local_scaling=None, partial_rotary_factor=prf)
-    if rp is None:
-        return out
-    if not isinstance(rp, dict):
-        raise ValueError(f"{cpath}: rope_parameters is {rp!r}; expected an object")
-    per_type = [k for k in rp if k in _ROPE_LAYER_TYPES]
-    if per_type:
-        other = [k for k in rp if k not in _ROPE_LAYER_TYPES]
-        if other or not all(isinstance(rp[k], dict) for k in per_type):
-            raise ValueError(f"{cpath}: rope_parameters mixes per-layer-type entries {per_type} with {other}; "
-                             f"expected either one object per layer type ({', '.join(_ROPE_LAYER_TYPES)}) "
-                             f"or one object for every layer")
-        glob, loc = rp.get("full_attention"), rp.get("sliding_attention")
+    rp = None if rp is None else _rope_dict(rp, f"{cpath}: rope_parameters")
+
+    def top(key, default):
+        v = hc.get(key)
+        return default if v is None else _rope_theta(v, f"{cpath}: {key}")
+
+    out = dict(rope_local_theta=None, rope_local_scaling=None)
+    if mt == "gemma3_text":
+        if rp is not None and any(k not in _ROPE_LAYER_TYPES for k in rp):
+            raise ValueError(f"{cpath}: Gemma 3 rope_parameters has keys {sorted(rp)}; expected one object per "
+                             f"layer type ({', '.join(_ROPE_LAYER_TYPES)})")
+        rp = rp or {}
+        glob = _rope_dict(rp.get("full_attention"), f"{cpath}: rope_parameters.full_attention")
+        loc = _rope_dict(rp.get("sliding_attention"), f"{cpath}: rope_parameters.sliding_attention")
+        glob.update(rs)
+        glob.setdefault("rope_theta", top("rope_theta", 1e6))
+        loc.setdefault("rope_theta", top("rope_local_base_freq", 10000.0))
+        where = f"{cpath}: rope_parameters.full_attention"
+        out["rope_local_theta"] = _rope_theta(loc["rope_theta"], f"{cpath}: rope_parameters.sliding_attention.rope_theta")
+        out["rope_local_scaling"] = canonical_rope_scaling(loc, f"{cpath}: rope_parameters.sliding_attention")
     else:
-        glob, loc = rp, None
-    if glob is not None:
-        w = f"{cpath}: rope_parameters" + (".full_attention" if per_type else "")
-        if glob.get("rope_theta") is not None:
-            out["rope_theta"] = _rope_theta(glob["rope_theta"], w + ".rope_theta")
-        out["rope_scaling"] = canonical_rope_scaling(glob, w)
-        if glob.get("partial_rotary_factor") is not None:
-            out["partial_rotary_factor"] = glob["partial_rotary_factor"]
-    if loc is not None:
-        w = f"{cpath}: rope_parameters.sliding_attention"
-        if loc.get("rope_theta") is not None:
-            out["rope_local_theta"] = _rope_theta(loc["rope_theta"], w + ".rope_theta")
-        out["rope_local_scaling"] = canonical_rope_scaling(loc, w)
+        glob = rs if rs else (rp or {})
+        where = f"{cpath}: " + ("rope_scaling" if rs else "rope_parameters")
+        nested = [k for k in glob if k in _ROPE_LAYER_TYPES]
+        if nested:
+            # one RoPE for every layer here: per-layer-type entries must agree
+            first = glob[nested[0]]
+            if any(k not in _ROPE_LAYER_TYPES for k in glob) or any(glob[k] != first for k in nested):
+                raise ValueError(f"{where} gives different RoPE settings per layer type ({', '.join(nested)}); "
+                                 f"model_type {mt!r} runs one RoPE for every layer")
+            glob, where = _rope_dict(first, f"{where}.{nested[0]}"), f"{where}.{nested[0]}"
+        else:
+            glob = dict(glob)
+        if mt == "gpt_neox":
+            glob.setdefault("rope_theta", top("rotary_emb_base", top("rope_theta", 10000.0)))
+            glob.setdefault("partial_rotary_factor", hc.get("rotary_pct", 0.25))
+        else:
+            glob.setdefault("rope_theta", top("rope_theta", 10000.0))
+    if hc.get("partial_rotary_factor") is not None:
+        glob.setdefault("partial_rotary_factor", hc["partial_rotary_factor"])
+    if glob.get("rope_type", glob.get("type")) == "llama3":
+        # transformers' default for a missing pretraining length
+        glob.setdefault("original_max_position_embeddings",
+                        hc.get("original_max_position_embeddings") or hc.get("max_position_embeddings"))
+    out["rope_theta"] = _rope_theta(glob["rope_theta"], where + ".rope_theta")
+    out["rope_scaling"] = canonical_rope_scaling(glob, where)
+    out["partial_rotary_factor"] = glob.get("partial_rotary_factor")
     return out
 
 
@@ -505,6 +533,8 @@ def _hf_files(folder: str) -> list[str]:
                 wm = json.load(f)["weight_map"]
             except (json.JSONDecodeError, KeyError):
                 raise ValueError(f"{idx}: not a safetensors index (expected a JSON object with 'weight_map')") from None
+        if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+            raise ValueError(f"{idx}: weight_map must map tensor names to shard file names")
         files = sorted(set(wm.values()))
         missing = [x for x in files if not os.path.exists(os.path.join(folder, x))]
         if missing:
@@ -514,6 +544,37 @@ def _hf_files(folder: str) -> list[str]:
     if not files:
         raise ValueError(f"{folder}: no .safetensors files (expected model.safetensors or an index json)")
     return [os.path.join(folder, x) for x in files]
+
+
+def hf_tensor_index(folder: str) -> dict:
+    """Every tensor of a Hugging Face folder across its shards: name -> (file, data start,
+    header entry), from the headers alone. With ``model.safetensors.index.json`` each tensor
+    must be in the shard its ``weight_map`` names (a module's pieces, e.g. an 8-bit ``weight``
+    and its ``SCB``, may be in different shards); a tensor in two files is refused."""
+    files = _hf_files(folder)
+    idx = os.path.join(folder, "model.safetensors.index.json")
+    wm = None
+    if os.path.exists(idx):
+        with open(idx) as f:
+            wm = json.load(f)["weight_map"]  # _hf_files checked it
+    out = {}
+    for path in files:
+        header, data_start = read_safetensors_header(path)
+        header.pop("__metadata__", None)
+        for name, info in header.items():
+            if name in out:
+                raise ValueError(f"{folder}: tensor {name!r} is in both {os.path.basename(out[name][0])} and "
+                                 f"{os.path.basename(path)}; expected each tensor in one shard")
+            out[name] = (path, data_start, info)
+    if wm is not None:
+        for name, fn in wm.items():
+            got = out.get(name)
+            if got is None:
+                raise ValueError(f"{idx}: tensor {name!r} is listed in {fn!r} but no shard holds it")
+            if os.path.basename(got[0]) != os.path.basename(str(fn)):
+                raise ValueError(f"{idx}: tensor {name!r} is listed in {fn!r} but found in "
+                                 f"{os.path.basename(got[0])}")
+    return out
 
 
 def read_hf_config(folder: str) -> tuple[dict, str]:
@@ -547,6 +608,7 @@ def load_hf(folder: str) -> Checkpoint:
     if isinstance(hc.get("quantization_config"), dict):
         raise ValueError(f"{cpath}: a quantized checkpoint (quantization_config); load it with "
                          f"llmint8.models.load_model, which reads bitsandbytes 8-bit folders")
+    hf_tensor_index(folder)  # every tensor in one shard, where the index says
     tensors = {}
     for p in _hf_files(folder):
         tensors.update(read_safetensors(p))
@@ -654,7 +716,7 @@ def _hf_gemma3(hc, t, cpath="config.json"):
     L = _hf_int(hc, "num_hidden_layers")
     _check_positive("config.json", dim=d, n_heads=H, n_layers=L)
     hd = _hf_int(hc, "head_dim", default=256)
-    rope = hf_rope(hc, cpath, default_theta=1e6, local_default_theta=10000.0)
+    rope = hf_rope(hc, cpath)
     window = hc.get("sliding_window")
     if hc.get("layer_types"):
         sliding = [lt == "sliding_attention" for lt in hc["layer_types"]]
@@ -764,10 +826,8 @@ def _hf_neox(hc, t, cpath="config.json"):
     L = _hf_int(hc, "num_hidden_layers")
     _check_positive("config.json", dim=d, n_heads=H, n_layers=L)
     hd = d // H
-    rope = hf_rope(hc, cpath, default_theta=_rope_theta(hc.get("rotary_emb_base", 10000.0),
-                                                        f"{cpath}: rotary_emb_base"))
-    prf = rope["partial_rotary_factor"] if rope["partial_rotary_factor"] is not None else hc.get("rotary_pct", 1.0)
-    rd = _rotary_dim(hd, prf, cpath)
+    rope = hf_rope(hc, cpath)
+    rd = _rotary_dim(hd, rope["partial_rotary_factor"], cpath)
     cfg = _base_config(arch="gpt_neox", dim=d, n_layers=L, n_heads=H, vocab_size=_hf_int(hc, "vocab_size"),
                        hidden_dim=_hf_int(hc, "intermediate_size"),
                        max_seq_len=_hf_int(hc, "max_position_embeddings", default=2048),

@@ -65,10 +65,10 @@ import warnings
 
 import numpy as np
 
-from .loaders import (_ST_ITEMSIZE, expected_shapes, read_safetensors_header, validate_config,
-                      validate_finite)
+from .loaders import (_ST_ITEMSIZE, canonical_rope_scaling, expected_shapes, read_safetensors_header,
+                      validate_config, validate_finite)
 
-__all__ = ["save_quantized", "load_quantized", "load_bitsandbytes", "detect_quantized_format",
+__all__ = ["save_quantized", "load_quantized", "load_bitsandbytes", "detect_quantized_format", "with_bitsandbytes_forward",
            "FORMAT_NAME", "FORMAT_VERSION"]
 
 FORMAT_NAME = "llmint8-quantized"
@@ -350,6 +350,18 @@ def _check_bnb_writable(model):
                          f"save this model with format='llmint8'")
 
 
+def _hf_rope_scaling(cfg):
+    """The canonical ``rope_scaling`` as transformers 4 writes it (null for the default scheme)."""
+    rs = canonical_rope_scaling(cfg.get("rope_scaling"), "config value rope_scaling")
+    return None if rs is None else dict(rs)
+
+
+def _hf_rope_parameters(cfg):
+    """transformers 5's ``rope_parameters``: ``rope_type``, ``rope_theta`` and the scaling keys."""
+    rs = _hf_rope_scaling(cfg) or {"rope_type": "default"}
+    return dict(rs, rope_theta=float(cfg["rope_theta"]))
+
+
 def _hf_rows(a, n_heads, rope):
     """Rows of a q/k projection (and its SCB/bias) in Hugging Face order: llama2.c's interleaved
     RoPE pairs (2i, 2i+1) become rotated halves (i, i + hd/2). Row-wise quantities permute exactly."""
@@ -444,7 +456,10 @@ def _save_bnb(model, layers, folder, progress):
         "hidden_size": cfg["dim"], "intermediate_size": cfg["hidden_dim"], "num_hidden_layers": cfg["n_layers"],
         "num_attention_heads": cfg["n_heads"], "num_key_value_heads": cfg["n_kv_heads"], "head_dim": cfg["head_dim"],
         "vocab_size": cfg["vocab_size"], "max_position_embeddings": cfg["max_seq_len"],
-        "rms_norm_eps": cfg["norm_eps"], "rope_theta": cfg["rope_theta"], "rope_scaling": cfg["rope_scaling"],
+        "rms_norm_eps": cfg["norm_eps"],
+        # transformers 5 reads rope_parameters; transformers 4 reads rope_theta and rope_scaling
+        "rope_parameters": _hf_rope_parameters(cfg),
+        "rope_theta": float(cfg["rope_theta"]), "rope_scaling": _hf_rope_scaling(cfg),
         "hidden_act": "silu", "tie_word_embeddings": bool(cfg["tie_embeddings"]),
         "attention_bias": has_attn_bias, "mlp_bias": False,
         "bos_token_id": cfg.get("bos_id"), "eos_token_id": cfg.get("eos_id"),
@@ -680,7 +695,7 @@ def load_bitsandbytes(folder: str, dtype: str = "float32", device: str | None = 
     import llmint8
 
     from ..backends import resolve_device as _resolve_device
-    from .loaders import _hf_files, hf_checkpoint, read_hf_config
+    from .loaders import hf_checkpoint, hf_tensor_index, read_hf_config
     from .transformer import FloatLinear, Int8LinearLayer, Model
 
     hc, cpath = read_hf_config(folder)
@@ -702,46 +717,46 @@ def load_bitsandbytes(folder: str, dtype: str = "float32", device: str | None = 
     if mt not in _BNB_MODEL_TYPES:
         raise ValueError(f"{cpath}: bitsandbytes 8-bit checkpoints of model_type {mt!r} are not supported; "
                          f"expected one of {', '.join(_BNB_MODEL_TYPES)}")
-    files = _hf_files(folder)
+    # tensors are resolved across shards: a module's int8 weight and its SCB may be in different files
+    index = hf_tensor_index(folder)
     tensors, quant, markers = {}, {}, {}
-    for path in files:
-        header, data_start = read_safetensors_header(path)
-        header.pop("__metadata__", None)
-        for name, info in header.items():
-            if name.endswith(".SCB") or name.endswith(".weight_format"):
-                continue
-            base = name[: -len(".weight")] if name.endswith(".weight") else None
-            if info["dtype"] == "I8":
-                if base is None or base + ".SCB" not in header:
-                    raise ValueError(f"{path}: int8 tensor {name!r} has no {(base or name) + '.SCB'!r} row scales "
-                                     f"(bitsandbytes stores SCB beside each int8 weight)")
-                if len(info["shape"]) != 2 or min(info["shape"]) < 1:
-                    raise ValueError(f"{path}: int8 weight {name!r} has shape {tuple(info['shape'])}; "
-                                     f"expected (out_features, in_features)")
-                out = info["shape"][0]
-                _expect(path, header, base + ".SCB", "F32", (out,))
-                wf = header.get(base + ".weight_format")
-                if wf is not None:
-                    if wf["dtype"] not in ("U8", "I64", "I32") or int(np.prod(wf["shape"], dtype=np.int64)) != 1:
-                        raise ValueError(f"{path}: tensor {base + '.weight_format'!r} is {wf['dtype']} "
-                                         f"{tuple(wf['shape'])}; expected a U8 scalar")
-                    code = int(_mapped(path, data_start, wf).reshape(-1)[0])
-                    if code != 0:
-                        raise ValueError(f"{path}: {base}.weight_format is {code} "
-                                         f"({_BNB_FORMATS.get(code, 'unknown')}); only 0 (row-major) is supported")
-                scb = _mapped(path, data_start, header[base + ".SCB"])
-                _check_scale(path, base + ".SCB", scb)
-                marker = np.broadcast_to(np.zeros((), np.float16), tuple(info["shape"]))
-                markers[id(marker)] = base
-                quant[base] = (path, data_start, info, header[base + ".SCB"])
-                tensors[name] = marker
-            elif info["dtype"] in ("F32", "F16", "BF16"):
-                tensors[name] = (path, data_start, info)
-            else:
-                raise ValueError(f"{path}: tensor {name!r} has dtype {info['dtype']}; expected I8 (with SCB) or a float")
-        for name in header:
-            if name.endswith(".SCB") and name[:-4] + ".weight" not in header:
-                raise ValueError(f"{path}: {name!r} has no int8 weight {name[:-4] + '.weight'!r} beside it")
+    for name, (path, data_start, info) in index.items():
+        if name.endswith(".SCB") or name.endswith(".weight_format"):
+            continue
+        base = name[: -len(".weight")] if name.endswith(".weight") else None
+        if info["dtype"] == "I8":
+            if base is None or base + ".SCB" not in index:
+                raise ValueError(f"{path}: int8 tensor {name!r} has no {(base or name) + '.SCB'!r} row scales "
+                                 f"in any shard (bitsandbytes stores SCB beside each int8 weight)")
+            if len(info["shape"]) != 2 or min(info["shape"]) < 1:
+                raise ValueError(f"{path}: int8 weight {name!r} has shape {tuple(info['shape'])}; "
+                                 f"expected (out_features, in_features)")
+            out = info["shape"][0]
+            spath, sstart, sinfo = index[base + ".SCB"]
+            _expect(spath, {base + ".SCB": sinfo}, base + ".SCB", "F32", (out,))
+            wf = index.get(base + ".weight_format")
+            if wf is not None:
+                wpath, wstart, wf = wf
+                if wf["dtype"] not in ("U8", "I64", "I32") or int(np.prod(wf["shape"], dtype=np.int64)) != 1:
+                    raise ValueError(f"{wpath}: tensor {base + '.weight_format'!r} is {wf['dtype']} "
+                                     f"{tuple(wf['shape'])}; expected a U8 scalar")
+                code = int(_mapped(wpath, wstart, wf).reshape(-1)[0])
+                if code != 0:
+                    raise ValueError(f"{wpath}: {base}.weight_format is {code} "
+                                     f"({_BNB_FORMATS.get(code, 'unknown')}); only 0 (row-major) is supported")
+            scb = _mapped(spath, sstart, sinfo)
+            _check_scale(spath, base + ".SCB", scb)
+            marker = np.broadcast_to(np.zeros((), np.float16), tuple(info["shape"]))
+            markers[id(marker)] = base
+            quant[base] = (path, data_start, info, (spath, sstart, sinfo))
+            tensors[name] = marker
+        elif info["dtype"] in ("F32", "F16", "BF16"):
+            tensors[name] = (path, data_start, info)
+        else:
+            raise ValueError(f"{path}: tensor {name!r} has dtype {info['dtype']}; expected I8 (with SCB) or a float")
+    for name, (path, _, _) in index.items():
+        if name.endswith(".SCB") and name[:-4] + ".weight" not in index:
+            raise ValueError(f"{path}: {name!r} has no int8 weight {name[:-4] + '.weight'!r} in any shard")
     lazy = {k: v for k, v in tensors.items() if isinstance(v, tuple)}
     for k, (p, ds, info) in lazy.items():
         tensors[k] = _mapped(p, ds, info)
@@ -757,9 +772,9 @@ def load_bitsandbytes(folder: str, dtype: str = "float32", device: str | None = 
             linears[n] = FloatLinear(a, b)
             continue
         used.add(base)
-        p, ds, info, sinfo = quant[base]
+        p, ds, info, scb_at = quant[base]
         q = _mapped(p, ds, info)
-        layer = llmint8.Int8Linear(q, _mapped(p, ds, sinfo), None, None,
+        layer = llmint8.Int8Linear(q, _mapped(*scb_at), None, None,
                                    None if b is None else np.asarray(b, dtype=np.float32), float(thr),
                                    _resolve_device(device))
         del q
@@ -768,8 +783,8 @@ def load_bitsandbytes(folder: str, dtype: str = "float32", device: str | None = 
         base = markers.get(id(w.get(k)))
         if base is not None:  # a quantized head: dequantize (the head is computed in float)
             used.add(base)
-            p, ds, info, sinfo = quant[base]
-            w[k] = _mapped(p, ds, info).astype(np.float32) * (_mapped(p, ds, sinfo) / np.float32(127.0))[:, None]
+            p, ds, info, scb_at = quant[base]
+            w[k] = _mapped(p, ds, info).astype(np.float32) * (_mapped(*scb_at) / np.float32(127.0))[:, None]
             if w.get("embed") is not None and cfg["tie_embeddings"]:
                 cfg["tie_embeddings"] = False
     unused = sorted(set(quant) - used)
@@ -787,9 +802,64 @@ def load_bitsandbytes(folder: str, dtype: str = "float32", device: str | None = 
     return m
 
 
-def load_quantized_checkpoint(folder: str, kind: str, dtype="float32", device="cpu"):
-    """Dispatch on :func:`detect_quantized_format`'s answer."""
+def load_quantized_checkpoint(folder: str, kind: str, dtype="float32", device="cpu", row_scale: str = "llmint8"):
+    """Dispatch on :func:`detect_quantized_format`'s answer; ``row_scale="bitsandbytes"``
+    returns :func:`with_bitsandbytes_forward` of the loaded model."""
+    if row_scale not in ROW_SCALES:
+        raise ValueError(f"row_scale must be one of {', '.join(map(repr, ROW_SCALES))}, got {row_scale!r}")
     if kind == "llmint8":
-        return load_quantized(folder, dtype=dtype, device=device)
-    return load_bitsandbytes(folder, dtype=dtype, device=device)
+        m = load_quantized(folder, dtype=dtype, device=device)
+    else:
+        m = load_bitsandbytes(folder, dtype=dtype, device=device)
+    return with_bitsandbytes_forward(m) if row_scale == "bitsandbytes" else m
+
+
+# ---- bitsandbytes' forward on the same int8 weights
+
+ROW_SCALES = ("llmint8", "bitsandbytes")
+
+
+def _bnb_layer_class():
+    from .transformer import Int8LinearLayer
+
+    class BitsandbytesForwardLayer(Int8LinearLayer):
+        """An :class:`llmint8.Int8Linear` computed as bitsandbytes' ``Linear8bitLt`` computes it
+        (:func:`llmint8.compat.bitsandbytes_forward`); keeps a NumPy copy of the int8 weight."""
+
+        method = "llm.int8"
+
+        def __call__(self, x):
+            from ..compat import bitsandbytes_forward
+
+            if getattr(self, "_weights", None) is None:
+                self._weights = self.layer._export()
+            if x.dtype not in (np.float16, np.float32):
+                x = x.astype(np.float32)
+            return np.asarray(bitsandbytes_forward(self.layer, x, self._weights), dtype=np.float32)
+
+    return BitsandbytesForwardLayer
+
+
+def with_bitsandbytes_forward(model):
+    """A model sharing ``model``'s weights, tokenizer and int8 layers whose int8 layers compute
+    bitsandbytes' forward (:func:`llmint8.compat.bitsandbytes_forward`: x cast to fp16 for its
+    row scales, which skip only the elements with ``|x| >= threshold`` instead of whole outlier
+    columns), for comparing llmint8 with bitsandbytes like with like. Needs a model whose method
+    is "llm.int8" (a loaded 8-bit folder or ``model.quantize("llm.int8")``); the copy holds a
+    second, unpacked copy of every int8 weight (made at its first call)."""
+    from .transformer import Int8LinearLayer, Model, _FusedPart
+
+    if model.method != "llm.int8":
+        raise ValueError(f"bitsandbytes' forward needs an LLM.int8() model (method 'llm.int8'), got {model.method!r}")
+    cls = _bnb_layer_class()
+    linears = {}
+    for n in model.linear_names:
+        layer = model.linears[n]
+        if isinstance(layer, (Int8LinearLayer, _FusedPart)):
+            layer = cls.wrap(layer.layer, method=model.method)
+        linears[n] = layer
+    m = Model(model.config, model.weights, model.tokenizer, name=model.name, dtype=model.dtype,
+              baseline_note=model.baseline_note, linears=linears, method=model.method)
+    m.threshold, m.source, m.calibration_tokens = model.threshold, model.source, model.calibration_tokens
+    return m
 
