@@ -689,7 +689,8 @@ def _hf_llama(hc, t, cpath="config.json"):
                        rotary_dim=_rotary_dim(hd, rope["partial_rotary_factor"], cpath),
                        tie_embeddings=_hf_bool(hc, "tie_word_embeddings", False))
     window = hc.get("sliding_window")
-    if window and (hc.get("model_type") == "mistral" or _hf_bool(hc, "use_sliding_window", False)):
+    use_window = _hf_bool(hc, "use_sliding_window", False)
+    if window and (hc.get("model_type") == "mistral" or use_window):
         # Mistral-style local attention on every layer (only matters beyond `window` tokens)
         cfg["sliding_window"] = int(window)
         cfg["sliding_layers"] = [True] * L
