@@ -585,3 +585,57 @@ def test_load_model_row_scale(tmp_path):
     save_quantized(q, tmp_path / "q")
     m = load_model(str(tmp_path / "q"), row_scale="bitsandbytes")
     assert np.isfinite(m(toks)).all() and llmint8.relative_error(m(toks), q(toks)) < 0.05
+
+
+# --------------------------------------------------------------------------- GGUF RoPE scaling
+
+
+def write_gguf_llama(path, t, theta, scaling_type=None, factor=None, rope_freqs=False):
+    import gguf
+
+    from test_models_formats import _permute
+
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_block_count(L)
+    w.add_context_length(256)
+    w.add_embedding_length(D)
+    w.add_feed_forward_length(F)
+    w.add_head_count(H)
+    w.add_head_count_kv(KV)
+    w.add_rope_freq_base(theta)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_dimension_count(HD)
+    if scaling_type is not None:
+        w.add_string("llama.rope.scaling.type", scaling_type)
+    if factor is not None:
+        w.add_float32("llama.rope.scaling.factor", factor)
+    w.add_tensor("token_embd.weight", t["model.embed_tokens.weight"])
+    w.add_tensor("output.weight", t["lm_head.weight"])
+    w.add_tensor("output_norm.weight", t["model.norm.weight"])
+    if rope_freqs:
+        w.add_tensor("rope_freqs.weight", np.ones(HD // 2, np.float32))
+    for i in range(L):
+        p = f"model.layers.{i}."
+        w.add_tensor(f"blk.{i}.attn_norm.weight", t[p + "input_layernorm.weight"])
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", t[p + "post_attention_layernorm.weight"])
+        w.add_tensor(f"blk.{i}.attn_q.weight", _permute(t[p + "self_attn.q_proj.weight"], H))
+        w.add_tensor(f"blk.{i}.attn_k.weight", _permute(t[p + "self_attn.k_proj.weight"], KV))
+        for a, b in (("attn_v", "self_attn.v_proj"), ("attn_output", "self_attn.o_proj"), ("ffn_gate", "mlp.gate_proj"),
+                     ("ffn_up", "mlp.up_proj"), ("ffn_down", "mlp.down_proj")):
+            w.add_tensor(f"blk.{i}.{a}.weight", t[p + b + ".weight"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_gguf_rope_scaling(tmp_path):
+    t = llama_tensors()
+    write_gguf_llama(str(tmp_path / "lin.gguf"), t, 2e4, "linear", 4.0)
+    check_logits(load_model(str(tmp_path / "lin.gguf")), llama_ref(t, inv_freqs(2e4, scaling={"rope_type": "linear", "factor": 4.0})))
+    write_gguf_llama(str(tmp_path / "yarn.gguf"), t, 2e4, "yarn", 4.0)
+    with pytest.raises(ValueError, match=r"llama\.rope\.scaling\.type 'yarn' is not supported"):
+        load_model(str(tmp_path / "yarn.gguf"))
+    write_gguf_llama(str(tmp_path / "ff.gguf"), t, 5e5, rope_freqs=True)
+    with pytest.raises(ValueError, match=r"rope_freqs\.weight .* is not supported"):
+        load_model(str(tmp_path / "ff.gguf"))
