@@ -38,7 +38,11 @@ transformers' ``save_pretrained`` writes it for a model loaded with ``load_in_8b
 ``load_in_8bit`` true, ``llm_int8_threshold``, ``llm_int8_skip_modules``), and per quantized
 linear module ``{module}.weight`` I8 (out, in) row-major, ``{module}.SCB`` F32 (out,) (the
 row's absmax: ``weight ~= int8 * SCB / 127``) and ``{module}.weight_format`` U8 shape ()
-equal to 0 ("row"); biases, norms and embeddings stay float. The key names, dtypes and
+equal to 0 ("row"); biases, norms and embeddings stay float. Sharded folders
+(``model.safetensors.index.json``) are read across their shards: a module's ``weight`` and
+``SCB`` may be in different files. The writer puts the RoPE settings in both
+``rope_parameters`` (transformers 5) and ``rope_theta`` / ``rope_scaling`` (transformers 4).
+The key names, dtypes and
 meanings follow bitsandbytes ``bitsandbytes/nn/modules.py`` (``Int8Params._quantize``,
 ``Linear8bitLt._save_to_state_dict``, ``maybe_rearrange_weight``) at commit
 005a63c2badadd7fb2c45a4b67c1dcbabb72b297 (the revision that saves only the "row" layout, with
@@ -690,8 +694,11 @@ def load_bitsandbytes(folder: str, dtype: str = "float32", device: str | None = 
     (``quantization_config.load_in_8bit``) as a :class:`~llmint8.models.Model` with
     :class:`llmint8.Int8Linear` layers (``weight_scale = SCB``, no known outlier columns,
     ``threshold = llm_int8_threshold``); modules left float (``llm_int8_skip_modules``) stay
-    float. Supported ``model_type``: llama, mistral, qwen2, gemma3, opt. Raises ValueError
-    naming the tensor or key for a malformed checkpoint, before reading any weight data."""
+    float. Supported ``model_type``: llama, mistral, qwen2, gemma3, opt. Tensors are resolved
+    across shards through ``model.safetensors.index.json``. The tokenizer is ``tokenizer.json``
+    or, for one saved by llmint8 without that form, ``llmint8_tokenizer.json``. Raises
+    ValueError naming the tensor or key for a malformed checkpoint, before reading any weight
+    data."""
     import llmint8
 
     from ..backends import resolve_device as _resolve_device
