@@ -241,11 +241,14 @@ def _encode_rendered(tok, text: str) -> list[int]:
 
 
 def stop_token_ids(model, chat: bool = False) -> set[int]:
-    """Token ids that end generation: the tokenizer's EOS (or the config's ``eos_id``), and in
-    chat mode also the end-of-turn tokens of :data:`END_OF_TURN_TOKENS` the vocabulary holds."""
+    """Token ids that end generation: the tokenizer's EOS (or the config's ``eos_id``); for a
+    llama2.c checkpoint (``.bin``) also BOS, which separates its training texts (llama2.c's run.c
+    stops there too); in chat mode also the end-of-turn tokens of :data:`END_OF_TURN_TOKENS` the
+    vocabulary holds."""
     tok = getattr(model, "tokenizer", None)
     ids = set()
-    for i in (getattr(tok, "eos_id", None), model.config.get("eos_id")):
+    bos = model.config.get("bos_id") if str(getattr(model, "source", "") or "").endswith(".bin") else None
+    for i in (getattr(tok, "eos_id", None), model.config.get("eos_id"), bos):
         if i is not None:
             ids.add(int(i))
     if chat and tok is not None:
@@ -363,10 +366,13 @@ def _held_back(text: str, stops: list[str]) -> int:
 
 class GenerationStream:
     """Iterator over the text pieces of a generation, in order (see :func:`stream_generate`);
-    after it is exhausted, ``result`` holds the :class:`Generation`."""
+    after it is exhausted, ``result`` holds the :class:`Generation`. ``prompt_ids`` and
+    ``prompt_text`` (the rendered chat template, or None) are known before the first piece."""
 
-    def __init__(self, gen):
+    def __init__(self, gen, prompt_ids, prompt_text):
         self._gen = gen
+        self.prompt_ids = list(prompt_ids)
+        self.prompt_text = prompt_text
         self.result: Generation | None = None
 
     def __iter__(self):
@@ -407,7 +413,7 @@ def stream_generate(model, prompt, max_new_tokens: int = 64, temperature: float 
                          f"model's context of {ctx} tokens; {hint}")
     eos_ids = stop_token_ids(model, chat=is_chat)
     return GenerationStream(_run(model, prompt_ids, prompt_text, int(max_new_tokens), float(temperature), top_k,
-                                 top_p, seed, stop_strings, stop_ids, eos_ids))
+                                 top_p, seed, stop_strings, stop_ids, eos_ids), prompt_ids, prompt_text)
 
 
 def _run(model, prompt_ids, prompt_text, max_new_tokens, temperature, top_k, top_p, seed, stop_strings, stop_ids,
