@@ -135,6 +135,18 @@ def test_filters_match_reference(temperature, top_k, top_p):
             assert (got > 0).sum() >= min(top_k, 100)
 
 
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    # four equal logits: probabilities exactly 0.25, so the boundary is exact; equal
+    # probabilities are ranked by token id
+    flat = np.zeros(4)
+    for top_p, kept in ((0.25, [0]), (0.5, [0, 1]), (0.5000001, [0, 1, 2]), (1.0, [0, 1, 2, 3])):
+        p = sampling_probs(flat, 1.0, top_p=top_p)
+        assert np.flatnonzero(p).tolist() == kept, top_p
+        np.testing.assert_allclose(p[kept], 1 / len(kept), rtol=PROB_RTOL)
+    # ties at the k-th logit are all kept
+    assert np.flatnonzero(sampling_probs(np.array([3.0, 1.0, 1.0, 1.0, 0.0]), 1.0, top_k=2)).tolist() == [0, 1, 2, 3]
+
+
 def test_next_token_is_inverse_cdf_of_one_uniform():
     logits = np.random.default_rng(3).standard_normal(50)
     for seed in range(30):

@@ -425,7 +425,7 @@ def _run(model, prompt_ids, prompt_text, max_new_tokens, temperature, top_k, top
     ctx_ids = prompt_ids[-8:]
     ctx_text = tok.decode(ctx_ids) if tok is not None else ""
     out: list[int] = []
-    text, sent = "", 0
+    text, streamed, sent = "", "", 0
     finish = "length"
     cache: dict = {}
     t0 = time.perf_counter()
@@ -458,9 +458,11 @@ def _run(model, prompt_ids, prompt_text, max_new_tokens, temperature, top_k, top
         done = finish != "length" or len(out) >= max_new_tokens
         # hold back a trailing partial UTF-8 character and a possible start of a stop string
         hold = 0 if done else max(_held_back(text, stop_strings), 1 if text.endswith("\ufffd") else 0)
-        if len(text) - hold > sent:
+        # a piece once streamed cannot be taken back: stream only text that extends it
+        if len(text) - hold > sent and text.startswith(streamed):
             piece = text[sent:len(text) - hold]
             sent = len(text) - hold
+            streamed += piece
             yield piece
         if done:
             break

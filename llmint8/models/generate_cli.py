@@ -4,8 +4,8 @@
         --methods float,llm.int8 [--max-new-tokens 64] [--temperature 0.8 --top-k 40 --top-p 0.95 --seed 1]
 
 Each method's text is streamed to stdout under a header as it is generated, one method after
-the other, then a summary: tokens, why each stopped, tokens/s, and the first token and character
-where each method's text differs from the first method's.
+the other, then a summary: tokens, why each stopped, prefill seconds, decode tokens/s, and the
+first token and character where each method's text differs from the first method's.
 """
 
 from __future__ import annotations
@@ -173,7 +173,8 @@ def _generate_command(argv: list[str]) -> int:
         sys.stdout.write("\n")
         sys.stdout.flush()
         results.append((m, it.result))
-    head = f"{'method':<12} {'tokens':>7} {'finish':>7} {'prefill s':>10} {'tokens/s':>9}  first difference from {methods[0]}"
+    head = (f"{'method':<12} {'tokens':>7} {'finish':>7} {'prefill s':>10} {'decode tok/s':>13}  "
+            f"first difference from {methods[0]}")
     print(head)
     print("-" * len(head))
     base = results[0][1]
@@ -188,8 +189,9 @@ def _generate_command(argv: list[str]) -> int:
                 j = next((k for k, (x, y) in enumerate(zip(base.text, g.text)) if x != y),
                          min(len(base.text), len(g.text)))
                 diff = f"token {i}, character {j}"
-        print(f"{m:<12} {len(g.token_ids):>7} {g.finish_reason:>7} {g.prefill_seconds:>10.3f} "
-              f"{g.tokens_per_second:>9.1f}  {diff}")
+        rate = g.decode_tokens_per_second
+        rate = f"{rate:>13.1f}" if rate == rate else f"{'-':>13}"  # one token: no decode step
+        print(f"{m:<12} {len(g.token_ids):>7} {g.finish_reason:>7} {g.prefill_seconds:>10.3f} {rate}  {diff}")
     return 0
 
 
