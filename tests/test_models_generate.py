@@ -425,3 +425,26 @@ def test_cli_sampling_prints_seed_and_reproduces(capsys, stories):
     assert body(again) == body(out)
     want = generate(stories, "Once", max_new_tokens=24, temperature=0.9, top_k=20, seed=seed)
     assert body(out) == "Once" + want.text
+
+
+# --------------------------------------------------------------------------- real zoo model (cached only)
+
+
+def test_cached_smollm2_chat_float_and_int8():
+    from llmint8.models import zoo
+
+    p = zoo.cached_path("smollm2-135m")
+    if p is None:
+        pytest.skip("zoo model smollm2-135m is not cached (fetch it once with: python -c \"from llmint8.models "
+                    "import zoo; zoo.fetch('smollm2-135m')\")")
+    m = load_model(p)
+    tok = m.tokenizer
+    it = stream_generate(m, "What is the capital of France?", chat=True, max_new_tokens=24)
+    im_start, im_end = tok.tok.token_to_id("<|im_start|>"), tok.tok.token_to_id("<|im_end|>")
+    # the GGUF's own template (ChatML with SmolLM's default system message), special tokens as single ids
+    assert it.prompt_text.startswith("<|im_start|>system\n") and it.prompt_text.endswith("<|im_start|>assistant\n")
+    assert it.prompt_ids[0] == im_start and it.prompt_ids.count(im_start) == 3 and it.prompt_ids.count(im_end) == 2
+    assert im_end in stop_token_ids(m, chat=True)
+    for model in (m, m.quantize("llm.int8")):
+        g = generate(model, "What is the capital of France?", chat=True, max_new_tokens=10)
+        assert "Paris" in g.text and g.finish_reason in ("eos", "length")
