@@ -338,6 +338,68 @@ def test_chat_template_with_bos_gets_no_second_bos(tmp_path):
     assert stream_generate(m, "hello", chat=True, max_new_tokens=1).prompt_ids[:3] == [1, 3, 8]
 
 
+GEMMA_LIKE = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n"
+              "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+
+
+def _tiny_gguf_with_template(path):
+    gguf = pytest.importorskip("gguf")
+    pieces = ["<unk>", "<s>", "</s>", "<start_of_turn>", "<end_of_turn>"] + [f"<0x{b:02X}>" for b in range(256)] + \
+             ["\u2581", "u", "s", "e", "r", "h", "i", "m", "o", "d", "l", "us", "er", "hi"]
+    types = [2, 3, 3, 3, 3] + [6] * 256 + [1] * 14
+    t = llama_tensors()
+    v = len(pieces)
+    w = gguf.GGUFWriter(path, "llama")
+    for add, val in ((w.add_block_count, L), (w.add_context_length, 64), (w.add_embedding_length, HD * H),
+                     (w.add_feed_forward_length, t["model.layers.0.mlp.up_proj.weight"].shape[0]),
+                     (w.add_head_count, H), (w.add_head_count_kv, KV), (w.add_rope_freq_base, 500.0),
+                     (w.add_layer_norm_rms_eps, 1e-5), (w.add_rope_dimension_count, HD)):
+        add(val)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(pieces)
+    w.add_token_scores([0.0] * 261 + [-float(i) for i in range(14)])
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_space_prefix(False)
+    w.add_chat_template(GEMMA_LIKE)
+    rng = np.random.default_rng(5)
+    w.add_tensor("token_embd.weight", rng.standard_normal((v, HD * H)).astype(np.float32))
+    w.add_tensor("output.weight", (rng.standard_normal((v, HD * H)) * 0.3).astype(np.float32))
+    w.add_tensor("output_norm.weight", t["model.norm.weight"])
+    names = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
+             "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+             "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+    for i in range(L):
+        for g, h in names.items():
+            w.add_tensor(f"blk.{i}.{g}.weight", t[f"model.layers.{i}.{h}.weight"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_gguf_chat_template_and_saved_folder(tmp_path):
+    from llmint8.models import save_quantized
+    from llmint8.models.generate import chat_template
+
+    m = load_model(_tiny_gguf_with_template(str(tmp_path / "chat.gguf")))
+    tok = m.tokenizer
+    assert tok.chat_template == GEMMA_LIKE and chat_template(m) == GEMMA_LIKE
+    it = stream_generate(m, "hi", chat=True, max_new_tokens=3)
+    assert it.prompt_text == "<s><start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n"
+    enc = lambda s: tok.encode(s, bos=False)  # noqa: E731
+    # the template wrote BOS itself; turn markers are single control ids, the text between encoded alone
+    assert it.prompt_ids == [1, 3] + enc("user\nhi") + [4] + enc("\n") + [3] + enc("model\n")
+    assert stop_token_ids(m, chat=True) == {2, 4} and stop_token_ids(m) == {2}
+    # a saved llm.int8 folder finds the template through its GGUF source
+    save_quantized(m.quantize("llm.int8"), str(tmp_path / "saved"))
+    q = load_model(str(tmp_path / "saved"))
+    assert chat_template(q) == GEMMA_LIKE
+    assert stream_generate(q, "hi", chat=True, max_new_tokens=3).prompt_ids == it.prompt_ids
+
+
 # --------------------------------------------------------------------------- command line
 
 

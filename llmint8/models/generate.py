@@ -26,6 +26,7 @@ in a sandbox, as Hugging Face does: ``messages``, ``add_generation_prompt``, ``b
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -130,12 +131,20 @@ def chat_template(model) -> str | None:
         if t:
             return _template_text(t)
     if src.endswith(".gguf") and os.path.isfile(src):
-        from .tokenizers import read_gguf_metadata
-
-        t = read_gguf_metadata(src).get("tokenizer.chat_template")
+        st = os.stat(src)
+        t = _gguf_chat_template(src, st.st_size, st.st_mtime_ns)
         if t:
             return _template_text(t)
     return None
+
+
+@functools.lru_cache(maxsize=8)
+def _gguf_chat_template(path: str, size: int, mtime_ns: int) -> str | None:
+    # a model loaded from a saved folder names its GGUF source; reading the metadata reads the
+    # whole file, so once per file version
+    from .tokenizers import read_gguf_metadata
+
+    return read_gguf_metadata(path).get("tokenizer.chat_template")
 
 
 def _template_text(t) -> str:
