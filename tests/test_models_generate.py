@@ -195,6 +195,12 @@ def test_prompt_errors(stories):
         generate(stories, [1, 512])
     with pytest.raises(ValueError, match="token ids"):
         generate(stories, [1, 2], chat=True)
+    for bad in ([1.5, 2.0], [[1, 2]], 3.0, None):
+        with pytest.raises(ValueError, match="integer token ids"):
+            generate(stories, bad)
+    with pytest.raises(ValueError, match="no token ids"):
+        generate(stories, [])
+    assert generate(stories, np.array([1, 403], dtype=np.int32), max_new_tokens=2).prompt_ids == [1, 403]
     # exactly filling the context is allowed
     g = generate(stories, [1] * 500, max_new_tokens=12)
     assert len(g.prompt_ids) + len(g.token_ids) <= 512

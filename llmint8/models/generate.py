@@ -335,12 +335,16 @@ def _prepare_prompt(model, prompt, chat, system):
     if chat or system is not None:
         raise ValueError("chat=True and system need a text prompt (str) or a list of messages, not token ids")
     try:
-        ids = [int(t) for t in np.asarray(prompt).ravel()] if not isinstance(prompt, (list, tuple)) \
-            else [int(t) for t in prompt]
+        arr = np.asarray(prompt)
     except (TypeError, ValueError):
-        raise ValueError(f"prompt must be a str, a list of chat messages or a sequence of token ids, "
-                         f"got {type(prompt).__name__}") from None
-    return ids, None, False
+        arr = None
+    if arr is not None and arr.size == 0:
+        raise ValueError("the prompt holds no token ids; give at least one (e.g. the BOS id)")
+    if arr is None or arr.ndim != 1 or arr.dtype.kind not in "iu":
+        raise ValueError(f"prompt must be a str, a list of chat messages or a 1-D sequence of integer token ids, "
+                         f"got {type(prompt).__name__}" + (f" of dtype {arr.dtype} and shape {arr.shape}"
+                                                           if arr is not None else ""))
+    return [int(t) for t in arr], None, False
 
 
 def _split_stop(stop):
