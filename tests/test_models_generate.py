@@ -216,30 +216,81 @@ def test_nan_logits_are_an_error():
 # --------------------------------------------------------------------------- streaming and stops
 
 
-class _Counting:
-    """A model proxy counting forward steps, to see when stream pieces arrive."""
+def test_stream_pieces_arrive_in_order_as_generated(stories, monkeypatch):
+    import importlib
 
-    def __init__(self, model):
-        self._m, self.steps = model, 0
+    # the module (llmint8.models.generate the attribute is the function of the same name)
+    gen = importlib.import_module("llmint8.models.generate")
+    chosen = []
+    real = gen.next_token
+    monkeypatch.setattr(gen, "next_token", lambda *a, **k: chosen.append(real(*a, **k)) or chosen[-1])
+    seen = []
+    g = generate(stories, "Once upon a time", max_new_tokens=30, stream=lambda piece: seen.append((piece, len(chosen))))
+    assert "".join(p for p, _ in seen) == g.text and chosen == g.token_ids
+    counts = [c for _, c in seen]
+    # each piece is streamed as soon as its token is chosen, not at the end
+    assert counts == sorted(counts) and counts[0] <= 2 and len(seen) >= 20
+    it = stream_generate(stories, "Once upon a time", max_new_tokens=30)
+    assert it.result is None and it.prompt_ids[0] == stories.tokenizer.bos_id
+    assert "".join(it) == g.text and it.result.token_ids == g.token_ids
+
+
+class _FakeDeviceArray:
+    """Stands for a CuPy array: only .get() and .shape reach the host."""
+
+    def __init__(self, a):
+        self._a, self.shape = np.asarray(a), np.shape(a)
+
+    def get(self):
+        return self._a
+
+
+class _StepModel:
+    """A model proxy offering the preallocated-cache interface (new_cache / step) and, with
+    ``gpu``, a device namespace and decoder(): the interfaces generate uses when a runner has them."""
+
+    def __init__(self, model, gpu=False):
+        self._m, self.calls = model, []
+        if gpu:
+            self.xp = object()  # any namespace but NumPy's: a model on a device
+
+            def decoder(capacity=None, graph=None):
+                self.calls.append(("decoder", capacity))
+                cache, m = self.new_cache(capacity), self
+
+                class D:
+                    def prefill(self, ids):
+                        return _FakeDeviceArray(m.step(np.asarray(ids)[None], cache))
+
+                    def next(self, t):
+                        return _FakeDeviceArray(m.step(np.array([[t]]), cache))
+                return D()
+            self.decoder = decoder
 
     def __getattr__(self, name):
         return getattr(self._m, name)
 
-    def hidden_states(self, *a, **k):
-        self.steps += 1
-        return self._m.hidden_states(*a, **k)
+    def new_cache(self, capacity=None):
+        self.calls.append(("new_cache", capacity))
+        return {"cache": {}, "length": 0}
+
+    def step(self, tokens, cache):
+        self.calls.append(("step", tokens.shape))
+        h = self._m.hidden_states(tokens, start_pos=cache["length"], cache=cache["cache"])
+        cache["length"] += tokens.shape[1]
+        return self._m.logits_from_hidden(h[:, -1])  # (batch, vocab)
 
 
-def test_stream_pieces_arrive_in_order_as_generated(stories):
-    m = _Counting(stories)
-    seen = []
-    g = generate(m, "Once upon a time", max_new_tokens=30, stream=lambda piece: seen.append((piece, m.steps)))
-    assert "".join(p for p, _ in seen) == g.text
-    steps = [s for _, s in seen]
-    assert steps == sorted(steps) and steps[0] <= 2 and len(seen) >= 20  # not all at the end
-    it = stream_generate(stories, "Once upon a time", max_new_tokens=30)
-    assert it.result is None and it.prompt_ids[0] == stories.tokenizer.bos_id
-    assert "".join(it) == g.text and it.result.token_ids == g.token_ids
+@pytest.mark.parametrize("gpu", [False, True])
+def test_runner_decoding_interfaces_give_the_same_tokens(stories, gpu):
+    want = generate(stories, "Once upon a time", max_new_tokens=20)
+    m = _StepModel(stories, gpu=gpu)
+    g = generate(m, "Once upon a time", max_new_tokens=20, stream=lambda p: None)
+    assert g.token_ids == want.token_ids and g.text == want.text
+    n = len(want.prompt_ids) + 20
+    assert m.calls[0] == (("decoder", n) if gpu else ("new_cache", n))
+    steps = [c[1] for c in m.calls if c[0] == "step"]
+    assert steps[0] == (1, len(want.prompt_ids)) and steps[1:] == [(1, 1)] * (len(want.token_ids) - 1)
 
 
 def test_stop_string_cuts_text_and_is_never_streamed(stories):

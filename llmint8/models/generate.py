@@ -6,10 +6,11 @@
                  max_new_tokens=64, stream=lambda piece: print(piece, end="", flush=True))
     g.text, g.token_ids, g.finish_reason, g.tokens_per_second
 
-Decoding runs the model's key/value-cache runner (:meth:`Model.hidden_states` with a cache,
-then :meth:`Model.logits_from_hidden` on the last position): the prompt in one forward pass,
-then one position per new token. Only the last position's logits come back to the host, where
-the next token is chosen in float64 NumPy:
+Decoding runs the model's key/value-cache runner (see :func:`_decoding_steps`: a GPU model's
+fixed-shape decoder, a preallocated cache's ``step``, or :meth:`Model.hidden_states` with a cache
+and :meth:`Model.logits_from_hidden`): the prompt in one forward pass, then one position per new
+token. Only the last position's logits come back to the host, where the next token is chosen in
+float64 NumPy:
 
 - greedy (``temperature=0``, the default): the arg max of the logits (the lowest id on a tie);
 - sampling (``temperature > 0``): softmax(logits / temperature), restricted to the ``top_k``
@@ -429,6 +430,40 @@ def stream_generate(model, prompt, max_new_tokens: int = 64, temperature: float 
                                  top_p, seed, stop_strings, stop_ids, eos_ids), prompt_ids, prompt_text)
 
 
+def _decoding_steps(model, n_positions: int):
+    """``(prefill(ids) -> logits, step(id) -> logits)`` over the best decoding interface the
+    model's runner offers; the logits are the last position's, on the model's device:
+
+    - a model on a GPU with ``decoder()`` (and no hooks): its fixed-shape decoding step;
+    - a model with ``new_cache()`` and ``step()``: a preallocated key/value cache;
+    - else ``hidden_states`` with a dict cache, then ``logits_from_hidden`` of the last row.
+
+    ``n_positions``: the prompt plus the new tokens (the cache's capacity)."""
+    on_gpu = getattr(model, "xp", np) is not np
+    hooked = bool(getattr(model, "_linear_hooks", None) or getattr(model, "_attn_hooks", None))
+    if on_gpu and not hooked and hasattr(model, "decoder"):
+        d = model.decoder(capacity=n_positions)
+        return d.prefill, d.next
+    if hasattr(model, "new_cache") and hasattr(model, "step"):
+        kv = model.new_cache(capacity=n_positions)
+        return (lambda ids: model.step(np.asarray([ids], dtype=np.int64), kv),
+                lambda t: model.step(np.array([[t]], dtype=np.int64), kv))
+    cache: dict = {}
+    pos = [0]
+
+    def prefill(ids):
+        h = model.hidden_states(np.asarray([ids], dtype=np.int64), start_pos=0, cache=cache)
+        pos[0] = len(ids)
+        return model.logits_from_hidden(h[0, -1])
+
+    def step(t):
+        h = model.hidden_states(np.array([[t]], dtype=np.int64), start_pos=pos[0], cache=cache)
+        pos[0] += 1
+        return model.logits_from_hidden(h[0, -1])
+
+    return prefill, step
+
+
 def _run(model, prompt_ids, prompt_text, max_new_tokens, temperature, top_k, top_p, seed, stop_strings, stop_ids,
          eos_ids) -> Iterator[str]:
     tok = getattr(model, "tokenizer", None)
@@ -440,17 +475,18 @@ def _run(model, prompt_ids, prompt_text, max_new_tokens, temperature, top_k, top
     out: list[int] = []
     text, streamed, sent = "", "", 0
     finish = "length"
-    cache: dict = {}
+    prefill, step = _decoding_steps(model, len(prompt_ids) + max_new_tokens)
+    vocab = int(model.config["vocab_size"])
     t0 = time.perf_counter()
-    h = model.hidden_states(np.array([prompt_ids], dtype=np.int64), start_pos=0, cache=cache)
-    t_prefill = None
-    pos = len(prompt_ids)
+    logits = prefill(prompt_ids)
+    t_prefill, t_decode = None, 0.0
     while True:
-        logits = _to_host(model.logits_from_hidden(h[0, -1]))
-        nxt = next_token(logits, temperature, top_k, top_p, rng)
+        nxt = next_token(_to_host(logits).reshape(-1, vocab)[-1], temperature, top_k, top_p, rng)
+        # only the model and the token choice are timed, not the consumer of the stream
         if t_prefill is None:
             t_prefill = time.perf_counter() - t0
-            t0 = time.perf_counter()
+        else:
+            t_decode += time.perf_counter() - t0
         out.append(nxt)
         if nxt in eos_ids or nxt in stop_ids:
             finish = "eos" if nxt in eos_ids else "stop"
@@ -479,9 +515,8 @@ def _run(model, prompt_ids, prompt_text, max_new_tokens, temperature, top_k, top
             yield piece
         if done:
             break
-        h = model.hidden_states(np.array([[nxt]], dtype=np.int64), start_pos=pos, cache=cache)
-        pos += 1
-    t_decode = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        logits = step(nxt)
     return Generation(text=text, token_ids=out, prompt_ids=list(prompt_ids), finish_reason=finish,
                       prefill_seconds=t_prefill, decode_seconds=t_decode, method=getattr(model, "method", ""),
                       prompt_text=prompt_text)
