@@ -488,7 +488,7 @@ G = ["generate", "--model", "stories260K", "--prompt", "Once"]
     (["--top-k", "5"], ("--temperature",)), (["--max-new-tokens", "0"], ("--max-new-tokens",)),
     (["--methods", "float,int4"], ("int4",)), (["--methods", ","], ("--methods",)),
     (["--system", "x"], ("--chat",)), (["--seed", "-2", "--temperature", "1"], ("--seed",)),
-    (["--threshold", "nan"], ("--threshold",)), (["--stop", ""], ("--stop",)), (["--bogus"], ("--bogus",)),
+    (["--threshold", "nan"], ("--threshold",)), (["--device", "tpu"], ("--device", "tpu")), (["--stop", ""], ("--stop",)), (["--bogus"], ("--bogus",)),
 ])
 def test_cli_usage_errors_before_any_work(extra, words, capsys, no_work):
     _one_line_error(capsys, cli.main(G + extra), 2, *words)

@@ -43,7 +43,7 @@ def _parser() -> ArgumentParser:
     p.add_argument("--chat", action="store_true",
                    help="render the prompt as a user message with the checkpoint's chat template")
     p.add_argument("--system", default=None, help="with --chat: a system message before the prompt")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device of the model (default cpu)")
+    p.add_argument("--device", default="cpu", help="where the model runs: cpu (default) or cuda")
     p.add_argument("--threshold", type=float, default=6.0, help="LLM.int8 outlier threshold (default 6.0)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="activation dtype")
     return p
@@ -84,7 +84,15 @@ def _check_args(args) -> list[str]:
         raise UsageError("--stop: expected a non-empty text")
     if not args.prompt and not args.chat:
         raise UsageError("--prompt is empty; give some text (or --chat to send an empty user message)")
-    if args.device == "cuda":
+    try:  # the models' own device check, where the package has one (it knows every device name)
+        from .device import check_cli_device
+    except ImportError:
+        check_cli_device = None
+    if check_cli_device is not None:
+        args.device = check_cli_device(args.device, int8_layers=any(m in ("llm.int8", "vectorwise") for m in methods))
+    elif args.device not in ("cpu", "cuda"):
+        raise UsageError(f"--device: expected cpu or cuda, got {args.device!r}")
+    elif args.device == "cuda":
         import llmint8
 
         if not llmint8.cuda_available():
