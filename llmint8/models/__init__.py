@@ -5,18 +5,21 @@ tokenizers, a NumPy transformer whose linear layers can be llmint8 layers, and p
     model = load_model("stories260K")            # zoo name or a path
     qm = model.quantize("llm.int8", threshold=6.0)
     perplexity(qm, model.tokenizer.encode(text), context=256, stride=128)
+    generate(qm, "Once upon a time", max_new_tokens=64).text
 """
 
 from __future__ import annotations
 
 import os
 
+from .generate import Generation, generate, stream_generate
 from .loaders import Checkpoint, load_checkpoint
 from .perplexity import perplexity, token_nll
 from .quantized import save_quantized
 from .transformer import METHODS, Model
 
-__all__ = ["load_model", "save_quantized", "perplexity", "token_nll", "Model", "METHODS", "Checkpoint"]
+__all__ = ["load_model", "save_quantized", "perplexity", "token_nll", "Model", "METHODS", "Checkpoint",
+           "generate", "stream_generate", "Generation"]
 
 
 def load_model(name_or_path: str, dtype: str = "float32", tokenizer: str | None = None,

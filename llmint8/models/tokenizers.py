@@ -385,7 +385,8 @@ def _bpe_pre_tokenizer(pre: str):
 def tokenizer_from_gguf_fields(fields: dict):
     """Build a tokenizer from GGUF metadata (already decoded to Python values): model "llama"
     (sentencepiece pieces + scores) or "gpt2" (byte-level BPE with merges, pre-tokenized as
-    llama.cpp does for ``tokenizer.ggml.pre``; unknown pre-tokenizer names raise ValueError)."""
+    llama.cpp does for ``tokenizer.ggml.pre``; unknown pre-tokenizer names raise ValueError).
+    Its ``chat_template`` is the file's ``tokenizer.chat_template`` (None when absent)."""
     model = fields.get("tokenizer.ggml.model")
     tokens = fields.get("tokenizer.ggml.tokens")
     if model is None or tokens is None:
@@ -403,6 +404,7 @@ def tokenizer_from_gguf_fields(fields: dict):
                                         add_dummy_prefix=bool(fields.get("tokenizer.ggml.add_space_prefix", True)),
                                         special_ids=specials, user_defined=user)
         tok.bos_token_id = bos
+        tok.chat_template = fields.get("tokenizer.chat_template")
         return tok
     if model == "gpt2":
         import tokenizers
@@ -430,7 +432,9 @@ def tokenizer_from_gguf_fields(fields: dict):
         special = [tokens[i] for i, t in enumerate(types) if t == _CONTROL]
         if special:
             tok.add_special_tokens(special)
-        return HFTokenizer(tok, bos_id=bos if add_bos else None, eos_id=eos)
+        out = HFTokenizer(tok, bos_id=bos if add_bos else None, eos_id=eos)
+        out.chat_template = fields.get("tokenizer.chat_template")
+        return out
     raise ValueError(f"GGUF tokenizer model {model!r} (tokenizer.ggml.model) is not supported; expected 'llama' "
                      f"(sentencepiece) or 'gpt2' (byte-level BPE)")
 
