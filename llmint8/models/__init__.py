@@ -14,9 +14,9 @@ import os
 from .loaders import Checkpoint, load_checkpoint
 from .perplexity import perplexity, token_nll
 from .quantized import save_quantized
-from .transformer import METHODS, Model
+from .transformer import METHODS, KVCache, Model
 
-__all__ = ["load_model", "save_quantized", "perplexity", "token_nll", "Model", "METHODS", "Checkpoint"]
+__all__ = ["load_model", "save_quantized", "perplexity", "token_nll", "Model", "METHODS", "Checkpoint", "KVCache"]
 
 
 def load_model(name_or_path: str, dtype: str = "float32", tokenizer: str | None = None,
@@ -30,10 +30,20 @@ def load_model(name_or_path: str, dtype: str = "float32", tokenizer: str | None 
     ``tokenizer`` (a path, see :func:`llmint8.models.tokenizers.load_tokenizer`) replaces the
     tokenizer found beside the weights.
     ``dtype`` is the activation dtype, "float32" or "float16". Returns a float :class:`Model`, or
-    for a quantized folder a model whose ``method`` is "llm.int8" (or "vectorwise")."""
+    for a quantized folder a model whose ``method`` is "llm.int8" (or "vectorwise").
+
+    ``device`` ("cpu", "cuda", "cuda:N") is where every array of the model lives. A GPU model is
+    read as on the CPU and copied to the device one array at a time, the host copy then released,
+    so the host memory peak does not exceed a CPU load's; a quantized folder's int8 layers go from
+    the memory-mapped file straight into their CUDA layers. Raises DeviceError (a RuntimeError)
+    before reading anything when CuPy, the GPU or (for int8 layers) llmint8's CUDA backend is
+    missing."""
+    from . import device as _dev
     from . import zoo
     from .quantized import detect_quantized_format, load_quantized_checkpoint
 
+    device = _dev.parse_device(device)
+    _dev.namespace(device)  # no CuPy, no GPU: say so before any work
     path = str(name_or_path)
     if not os.path.exists(path):
         if zoo.is_zoo_name(path):
@@ -43,6 +53,8 @@ def load_model(name_or_path: str, dtype: str = "float32", tokenizer: str | None 
                                     f"(known: {', '.join(zoo.names())})")
     kind = detect_quantized_format(path)
     if kind is not None:
+        if _dev.is_cuda(device):
+            _dev.require_llmint8_cuda()
         m = load_quantized_checkpoint(path, kind, dtype=dtype, device=device)
         if tokenizer:
             from .tokenizers import load_tokenizer
@@ -59,4 +71,5 @@ def load_model(name_or_path: str, dtype: str = "float32", tokenizer: str | None 
         name = zoo.canonical_name(str(name_or_path))
     m = Model(ck.config, ck.weights, ck.tokenizer, name=name, dtype=dtype, baseline_note=ck.baseline_note)
     m.source = ck.source or path
-    return m
+    del ck
+    return m.to(device)

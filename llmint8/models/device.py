@@ -136,3 +136,20 @@ def use_current_stream(xp) -> None:
 
     ptr = xp.cuda.get_current_stream().ptr
     cuda.set_stream(int(ptr) if ptr else 1)  # 0 (CuPy's null stream) is the legacy default stream: 1
+
+
+def check_cli_device(device: str, int8_layers: bool = False) -> str:
+    """For the commands' ``--device``: the parsed device, or UsageError (one line, exit 2) when
+    it is a GPU this machine cannot use (no CuPy, no GPU, or for ``int8_layers`` no llmint8 CUDA
+    backend). Checked before any work."""
+    from .._cli import UsageError
+
+    try:
+        d = parse_device(device)
+        if is_cuda(d):
+            namespace(d)
+            if int8_layers:
+                require_llmint8_cuda()
+    except (ValueError, TypeError, DeviceError) as e:
+        raise UsageError(f"--device {device}: {e}") from None
+    return d
