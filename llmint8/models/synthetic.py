@@ -4,7 +4,7 @@ For checks and benchmarks where a real checkpoint is too large to carry (a GPU m
 network, a test that must stay fast): the same :class:`~llmint8.models.Model` as a loaded
 checkpoint, with Llama-style blocks of a real model's dimensions (all of them, or the first few).
 
-Weights are normal with std 1/sqrt(fan-in) (embeddings std 1). As in the paper's large models,
+Weights are normal with std 1/sqrt(fan-in) (an untied embedding std 1). As in the paper's large models,
 a few hidden feature dimensions -- the same in every layer -- carry outliers: the norm gains of
 those dimensions are drawn from ``magnitude`` (20-30 by default) instead of 1, so every
 attention and FFN input holds columns with |x| well above the LLM.int8() threshold of 6.
@@ -69,7 +69,11 @@ def synthetic_model(shape: str = "tiny", n_layers: int | None = None, seed: int 
             g[cols] = rng.uniform(magnitude[0], magnitude[1], size=n_out).astype(np.float32)
         return g
 
-    w = {"embed": rng.standard_normal((V, d), dtype=np.float32), "final_norm.weight": gain(outliers=False)}
+    # a tied embedding is also the classifier: std 1/sqrt(dim) keeps the logits O(1)
+    emb = rng.standard_normal((V, d), dtype=np.float32)
+    if cfg["tie_embeddings"]:
+        emb *= np.float32(1.0 / np.sqrt(d))
+    w = {"embed": emb, "final_norm.weight": gain(outliers=False)}
     w["lm_head.weight"] = w["embed"] if cfg["tie_embeddings"] else linear(V, d)
     for i in range(cfg["n_layers"]):
         p = f"layers.{i}."
