@@ -23,8 +23,10 @@ On ``--device cuda`` the whole forward runs on the GPU (CuPy); times are wall-cl
 synchronization at the end of each measured loop; "GPU MiB" is the device memory in use after
 the runs (CuPy's pool and llmint8's stream-ordered pool keep what they once held, so this is the
 peak); "launches/token" counts the kernel nodes of one decode step captured into a CUDA graph
-(the number of kernels a decoded token launches); "x CPU" is the prefill throughput against
-the CPU float path of the same model in the same process.
+(the number of kernels a decoded token launches without a graph); "graph decode" is the same
+decoding through ``Model.decoder`` (fixed-shape step replayed as one CUDA graph per token) and
+"graph kernels" the kernel nodes of that graph; "x CPU" is the prefill throughput against the
+CPU float path of the same model in the same process.
 """
 
 from __future__ import annotations
@@ -118,13 +120,15 @@ def count_launches(qm, prompt):
     xp = qm.xp
     cache = qm.new_cache(capacity=len(prompt) + 8)
     qm.step([prompt], cache)
-    qm.step([[1]], cache)  # warm: every kernel compiled, every array allocated once
+    ids = xp.asarray([[2]])  # the token on the device already: a capture may not copy from the host
+    qm.step(ids, cache)  # warm: every kernel compiled, every array allocated once
+    cache.length -= 1
     s = xp.cuda.Stream(non_blocking=True)
     try:
         with s:
             s.begin_capture()
             try:
-                qm.step([[2]], cache)
+                qm.step(ids, cache)
             finally:
                 g = s.end_capture()
     except Exception as e:  # noqa: BLE001 - reported, not fatal
@@ -199,6 +203,20 @@ def worker(model_name: str, method: str, n_tokens: int, repeat: int, device: str
                 nxt = int(np.argmax(qm.logits_from_hidden(h[0, -1])))
         _sync(qm)
         best_dec_t = min(best_dec_t, time.perf_counter() - t0)
+    graph_t, kernels = float("inf"), None
+    if gpu:
+        # the same decoding as one CUDA graph per token (Model.decoder): the GPU's fast path
+        dec = qm.decoder(capacity=len(prompt) + N_DECODE + 2)
+        for _ in range(repeat + 1):
+            dec.reset()
+            nxt = int(qm.xp.argmax(dec.prefill(prompt)[0]))
+            _sync(qm)
+            t0 = time.perf_counter()
+            for _ in range(N_DECODE):
+                nxt = int(qm.xp.argmax(dec.next(nxt)[0]))
+            _sync(qm)
+            graph_t = min(graph_t, time.perf_counter() - t0)
+        kernels = dec.kernels
     out = dict(model=qm.name, method=method, device=device, n_tokens=len(tokens), ppl=ppl,
                prefill_tok_s=(len(tokens) - 1) / best_ppl_t, decode_tok_s=N_DECODE / best_dec_t,
                decode_context=len(prompt), linear_mib=qm.linear_weight_nbytes / 2**20)
@@ -207,6 +225,8 @@ def worker(model_name: str, method: str, n_tokens: int, repeat: int, device: str
     if gpu:
         out["gpu_mib"] = (_gpu_used(qm.xp) - base_used) / 2**20
         out["launches"] = count_launches(qm, prompt[:16])
+        out["graph_decode_tok_s"] = N_DECODE / graph_t
+        out["graph_kernels"] = kernels
         if method == "float":  # the CPU float path of the same model, for the GPU/CPU prefill ratio
             cpu = qm.to("cpu")
             toks = tokens[: min(len(tokens), 257)]
@@ -258,7 +278,8 @@ def main(argv=None):
     head = (f"{'model':<24} {'method':<9} {'prefill tok/s':>13} {'x float':>7} {'decode tok/s':>12} "
             f"{'x float':>7} {'peak RSS MiB':>12} {'linear MiB':>10} {'perplexity':>10}")
     if gpu:
-        head += f" {'GPU MiB':>8} {'launches/token':>14} {'x CPU':>6}"
+        head = head.replace("decode tok/s", "eager decode")
+        head += f" {'GPU MiB':>8} {'launches/token':>14} {'x CPU':>6} {'graph decode':>12} {'x float':>7} {'graph kernels':>13}"
     print(head)
     print("-" * len(head))
     rows = []
@@ -286,7 +307,9 @@ def main(argv=None):
             if gpu:
                 xcpu = (row["prefill_tok_s"] / base["cpu_prefill_tok_s"]
                         if base and base.get("cpu_prefill_tok_s") else float("nan"))
-                line += f" {row['gpu_mib']:>8.0f} {str(row['launches']):>14} {xcpu:>6.1f}"
+                gf = row["graph_decode_tok_s"] / base["graph_decode_tok_s"] if base else float("nan")
+                line += (f" {row['gpu_mib']:>8.0f} {str(row['launches']):>14} {xcpu:>6.1f}"
+                         f" {row['graph_decode_tok_s']:>12.1f} {gf:>7.2f} {str(row['graph_kernels']):>13}")
             print(line, flush=True)
     if gpu and rows:
         print("\ntargets: llm.int8 decode >= fp16 decode; llm.int8 prefill >= 0.8x fp16; llm.int8 linear bytes "
@@ -295,7 +318,8 @@ def main(argv=None):
             by = {r["method"]: r for r in rows if r["model"] == name}
             if "fp16" in by and "llm.int8" in by:
                 i8, f16 = by["llm.int8"], by["fp16"]
-                print(f"  {name}: decode int8/fp16 {i8['decode_tok_s'] / f16['decode_tok_s']:.2f}, prefill int8/fp16 "
+                print(f"  {name}: decode int8/fp16 {i8['decode_tok_s'] / f16['decode_tok_s']:.2f} eager, "
+                      f"{i8['graph_decode_tok_s'] / f16['graph_decode_tok_s']:.2f} graph; prefill int8/fp16 "
                       f"{i8['prefill_tok_s'] / f16['prefill_tok_s']:.2f}, linear bytes int8/fp16 "
                       f"{i8['linear_mib'] / f16['linear_mib']:.3f}")
     if a.json:

@@ -12,6 +12,8 @@ Checks (each prints one line, PASS/FAIL with the measured value and its bound):
                  or where they part, the CPU logit gap between the top two tokens at that step
                  (a gap below the logits' rounding error allows either choice: reported, not failed)
   kv cache       GPU decoding with the preallocated cache vs a full GPU recompute (float)
+  graph decoder  Model.decoder (fixed-shape step replayed as a CUDA graph) vs eager steps,
+                 float and llm.int8: relative error <= 1e-4; kernels per token printed
   save/load      save_quantized of a GPU model gives the same files as of a CPU model; the
                  folder loads onto the GPU with identical logits
   methods        fp16, vectorwise, absmax (host path) run on a GPU model and their perplexity
@@ -112,6 +114,18 @@ def check_model(label, cpu, tokens, full=True):
         mean_e, max_e = rel(np.stack(steps), fullg)
         report(f"{label}: KV-cache decode vs full recompute (GPU)", mean_e <= FLOAT_RTOL,
                f"rel err {mean_e:.2e}, largest element {max_e:.2e}")
+        # the fixed-shape decoding step replayed as a CUDA graph, against eager steps
+        for meth, mg in (("float", gpu), ("llm.int8", qg)):
+            dec = mg.decoder(capacity=len(seq) + 2)
+            cache = mg.new_cache()
+            a = [to_host(dec.prefill(seq[:16]))[0]]
+            b = [to_host(mg.step([seq[:16]], cache))[0]]
+            for t in seq[16:]:
+                a.append(to_host(dec.next(int(t)))[0])
+                b.append(to_host(mg.step([[int(t)]], cache))[0])
+            mean_e, max_e = rel(np.stack(a), np.stack(b))
+            report(f"{label}: CUDA-graph decoder vs eager steps, {meth}", mean_e <= FLOAT_RTOL,
+                   f"rel err {mean_e:.2e}, largest element {max_e:.2e}, {dec.kernels} kernels per token")
         for meth in ("fp16", "vectorwise", "absmax"):
             mc, mg = cpu.quantize(meth), gpu.quantize(meth)
             short = tokens[: ctx + 1]

@@ -282,3 +282,52 @@ def test_gpu_decoding_and_save_load(tmp_path):
     np.testing.assert_array_equal(dev.to_host(back.forward(ids)), dev.to_host(q_gpu.forward(ids)))
     c = q_gpu.new_cache()
     assert type(q_gpu.step(ids, c)).__module__.startswith("cupy")
+
+
+# --------------------------------------------------------------------------- fixed-shape decoder
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("method", ["float", "llm.int8"])
+def test_fixed_shape_decoder_matches_eager_steps(variant, method):
+    # attention over the whole capacity with masked (zero) terms: the same values up to float32
+    # rounding of the longer sums
+    m = _model(variant).quantize(method)
+    ids = np.random.default_rng(7).integers(0, 512, 30)
+    d = m.decoder(capacity=40)
+    c = m.new_cache()
+    a = [d.prefill(ids[:8])] + [d.next(t).copy() for t in ids[8:]]
+    b = [m.step(ids[:8], c)] + [m.step([int(t)], c) for t in ids[8:]]
+    a, b = np.concatenate(a), np.concatenate(b)
+    assert np.abs(a - b).max() / np.abs(b).max() < RECOMPUTE_RTOL
+    assert d.length == 30 and d.kernels is None
+
+
+def test_fixed_shape_decoder_errors():
+    m = _model()
+    with pytest.raises(ValueError, match="needs a model on a GPU"):
+        m.decoder(graph=True)
+    d = m.decoder(capacity=3)
+    d.prefill([1, 2])
+    d.next(3)
+    with pytest.raises(ValueError, match="capacity of 3 positions is full"):
+        d.next(4)
+    d.reset()
+    with pytest.raises(ValueError, match="not in"):
+        d.next(512)
+    with m.add_hook(lambda name, x: None):
+        with pytest.raises(ValueError, match="does not run hooks"):
+            d.next(1)
+
+
+@needs_gpu
+def test_gpu_graph_decoder_matches_eager():
+    m = _model().to("cuda")
+    ids = np.random.default_rng(8).integers(0, 512, 24)
+    d = m.decoder(capacity=32)
+    c = m.new_cache()
+    a = [dev.to_host(d.prefill(ids[:8]))] + [dev.to_host(d.next(t)) for t in ids[8:]]
+    b = [dev.to_host(m.step(ids[:8], c))] + [dev.to_host(m.step([int(t)], c)) for t in ids[8:]]
+    a, b = np.concatenate(a), np.concatenate(b)
+    assert np.abs(a - b).max() / np.abs(b).max() < GPU_FLOAT_RTOL
+    assert d.kernels is None or d.kernels > 0

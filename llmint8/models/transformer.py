@@ -28,7 +28,7 @@ import numpy as np
 
 from . import device as _dev
 
-__all__ = ["Model", "METHODS", "KVCache", "FloatLinear", "Fp16Linear", "Int8LinearLayer", "MatmulLinear",
+__all__ = ["Model", "METHODS", "KVCache", "Decoder", "FloatLinear", "Fp16Linear", "Int8LinearLayer", "MatmulLinear",
            "FusedLinear"]
 
 METHODS = ("float", "fp16", "llm.int8", "vectorwise", "rowwise", "absmax", "zeropoint")
@@ -523,6 +523,122 @@ class KVCache:
         return K[:, :end], V[:, :end]
 
 
+class Decoder:
+    """Token-at-a-time decoding with fixed shapes, for the GPU's launch-bound small batches.
+
+    ``prefill(ids)`` runs the prompt (an ordinary forward into a :class:`KVCache` of
+    ``capacity`` positions) and returns the last position's logits; each ``next(id)`` then runs
+    one position with every shape fixed: attention spans the whole capacity with a mask built
+    on the device from the position, RoPE rows and the cache slot are picked on the device. So
+    nothing waits for the host, and on a GPU (``graph=True``, the default there) the step is
+    captured once into a CUDA graph (its scratch memory in a pool of its own) and every later
+    token is one graph launch. Logits come back as (1, vocab) float32 arrays of the model's
+    device; with a graph the array is the graph's output buffer, overwritten by the next step.
+
+    The fixed-shape step sums attention over more (masked, zero) terms than an ordinary
+    forward, so its logits agree with :meth:`Model.step`'s to float32 rounding, not bit for bit.
+    Linear-layer and attention hooks are not run by the fixed-shape step (ValueError)."""
+
+    def __init__(self, model: "Model", capacity: int | None = None, graph: bool | None = None):
+        self.model = model
+        self.xp = model.xp
+        cap = model.config["max_seq_len"] if capacity is None else int(capacity)
+        self.cache = model.new_cache(capacity=cap)
+        self.graph = (self.xp is not np) if graph is None else bool(graph)
+        if self.graph and self.xp is np:
+            raise ValueError("graph=True needs a model on a GPU (CUDA graphs)")
+        self._tok = self.xp.zeros((1, 1), np.int64)
+        self._pos = self.xp.zeros((1,), np.int64)
+        self._graph = None
+        self._out = None
+        self._pool = None
+        self.kernels = None  # kernel nodes of the captured step, once captured
+
+    @property
+    def length(self) -> int:
+        """Positions decoded so far (prompt included)."""
+        return self.cache.length
+
+    def reset(self) -> None:
+        """Start a new sequence (the cache and a captured graph are kept)."""
+        self.cache.reset()
+
+    def prefill(self, ids):
+        """Run the prompt ``ids`` (int sequence, >= 1 token) after what the cache holds; returns
+        the last position's logits (1, vocab)."""
+        return self.model.step(np.asarray(ids, dtype=np.int64).reshape(1, -1), self.cache)
+
+    def next(self, token: int):
+        """Run one token at the next position; returns its logits (1, vocab)."""
+        m, c = self.model, self.cache
+        if m._linear_hooks or m._attn_hooks:
+            raise ValueError("the fixed-shape decoding step does not run hooks; remove them or use model.step")
+        if c.length >= c.capacity:
+            raise ValueError(f"the decoder's capacity of {c.capacity} positions is full")
+        token = int(token)
+        if not 0 <= token < m.config["vocab_size"]:
+            raise ValueError(f"token id {token} is not in [0, {m.config['vocab_size']})")
+        # the new id and position go to the device asynchronously, ahead of the step
+        self._tok.fill(token)
+        self._pos.fill(c.length)
+        if not self.graph:
+            if m._cuda_layers():
+                _dev.use_current_stream(self.xp)
+            out = m._static_step(self._tok, self._pos, c)
+        else:
+            if self._graph is None:
+                self._capture()
+            self._graph.launch()
+            out = self._out
+        c.length += 1
+        return out
+
+    def _capture(self):
+        xp = self.xp
+        m, c = self.model, self.cache
+        if m._cuda_layers():
+            _dev.use_current_stream(xp)
+        # the graph's scratch memory comes from a pool nobody else allocates from, so the
+        # blocks it reuses at every replay are never handed to other arrays in between
+        self._pool = xp.cuda.MemoryPool()
+        stream = xp.cuda.Stream(non_blocking=True)
+        with xp.cuda.using_allocator(self._pool.malloc), stream:
+            if m._cuda_layers():
+                _dev.use_current_stream(xp)
+            m._static_step(self._tok, self._pos, c)  # warm-up: kernels compiled, pool filled
+            stream.begin_capture()
+            try:
+                self._out = m._static_step(self._tok, self._pos, c)
+            finally:
+                self._graph = stream.end_capture()
+            stream.synchronize()
+        if m._cuda_layers():
+            _dev.use_current_stream(xp)
+        self.kernels = graph_kernel_nodes(self._graph)
+
+
+def graph_kernel_nodes(graph):
+    """Kernel nodes of a captured CuPy CUDA graph (how many kernels one replay launches), or None
+    when the driver cannot be asked."""
+    import ctypes
+
+    try:
+        cu = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    n = ctypes.c_size_t(0)
+    if cu.cuGraphGetNodes(ctypes.c_void_p(graph.graph), None, ctypes.byref(n)) != 0:
+        return None
+    nodes = (ctypes.c_void_p * n.value)()
+    cu.cuGraphGetNodes(ctypes.c_void_p(graph.graph), nodes, ctypes.byref(n))
+    kernels = 0
+    for node in nodes:
+        t = ctypes.c_int(-1)
+        cu.cuGraphNodeGetType(ctypes.c_void_p(node), ctypes.byref(t))
+        kernels += t.value == 0  # CU_GRAPH_NODE_TYPE_KERNEL
+    return kernels
+
+
 # --------------------------------------------------------------------------- model
 
 
@@ -628,6 +744,11 @@ class Model:
         """A preallocated :class:`KVCache` on this model's device for ``batch`` sequences;
         ``capacity`` positions (default 256, growing as needed up to ``max_seq_len``)."""
         return KVCache(self, batch=batch, capacity=capacity)
+
+    def decoder(self, capacity: int | None = None, graph: bool | None = None) -> "Decoder":
+        """A :class:`Decoder` for one sequence of up to ``capacity`` positions (default
+        ``max_seq_len``); ``graph`` (default: on a GPU) replays each step as one CUDA graph."""
+        return Decoder(self, capacity=capacity, graph=graph)
 
     def step(self, tokens, cache: KVCache):
         """Decode step: run ``tokens`` (int (batch, T), or (T,) for batch 1; T >= 1: a prompt,
@@ -933,6 +1054,78 @@ class Model:
             cache[key] = m
         return m
 
+    def _attention_static(self, i, h, pos, mask, cache):
+        """One decoding position at the device-held position ``pos`` ((1,) int), attending over
+        the cache's whole capacity with ``mask`` hiding the positions not yet written: every
+        step has the same shapes (see :class:`Decoder`)."""
+        cfg = self.config
+        B = h.shape[0]
+        H, KV, hd = cfg["n_heads"], cfg["n_kv_heads"], cfg["head_dim"]
+        p = f"layers.{i}."
+        q, k, v = self._linears((p + "attn.q", p + "attn.k", p + "attn.v"), h)
+        q, k, v = q.reshape(B, 1, H, hd), k.reshape(B, 1, KV, hd), v.reshape(B, 1, KV, hd)
+        if cfg["qk_norm"]:
+            q = self._norm(q, p + "attn.q_norm")
+            k = self._norm(k, p + "attn.k_norm")
+        if cfg["rope"]:
+            cos, sin = self._rope(i, 0, cache.capacity)
+            cos, sin = cos[pos], sin[pos]
+            q = self._round(_apply_rope(q, cos, sin, cfg["rope"], cfg["rotary_dim"]))
+            k = self._round(_apply_rope(k, cos, sin, cfg["rope"], cfg["rotary_dim"]))
+        K, V = cache._k[i], cache._v[i]
+        K[:, pos] = k
+        V[:, pos] = v
+        S = K.shape[1]
+        rep = H // KV
+        qh = q.transpose(0, 2, 1, 3).reshape(B, KV, rep, hd)
+        scale = cfg["attn_scale"] if cfg["attn_scale"] is not None else hd ** -0.5
+        s = (qh @ K.transpose(0, 2, 3, 1)).reshape(B, H, 1, S)
+        s *= np.float32(scale)
+        sliding = cfg["sliding_window"] if cfg["sliding_window"] and cfg["sliding_layers"] and \
+            cfg["sliding_layers"][i] else 0
+        s += mask[1] if sliding else mask[0]
+        s -= s.max(axis=-1, keepdims=True)
+        self.xp.exp(s, out=s)
+        s /= s.sum(axis=-1, keepdims=True)
+        o = (s.reshape(B, KV, rep, S) @ V.transpose(0, 2, 1, 3)).reshape(B, H, 1, hd)
+        o = self._round(o.transpose(0, 2, 1, 3).reshape(B, 1, H * hd))
+        return self._linear(p + "attn.o", o)
+
+    def _static_step(self, tok, pos, cache):
+        """Logits (1, vocab) of token ``tok`` ((1, 1) int, on the device) at position ``pos``
+        ((1,) int, on the device) with fixed shapes: no host transfer, no synchronization."""
+        cfg = self.config
+        xp = self.xp
+        kpos = xp.arange(cache.capacity)
+        hide = kpos[None, :] > pos[:, None]
+        neg = np.float32(-np.inf)
+        mask = [xp.where(hide, neg, np.float32(0))]
+        if cfg["sliding_window"]:
+            mask.append(xp.where(hide | ((pos[:, None] - kpos[None, :]) >= cfg["sliding_window"]), neg,
+                                 np.float32(0)))
+        x = self.weights["embed"][tok].astype(np.float32)
+        if cfg["embed_scale"] != 1.0:
+            x = x * np.float32(cfg["embed_scale"])
+        if "pos_embed" in self.weights:
+            x = x + self.weights["pos_embed"][pos + cfg["pos_offset"]].astype(np.float32)[None]
+        x = self._round(x)
+        for i in range(cfg["n_layers"]):
+            pf = f"layers.{i}."
+            if cfg["parallel_residual"]:
+                a = self._attention_static(i, self._norm(x, pf + "attn_norm"), pos, mask, cache)
+                m = self._mlp(i, self._norm(x, pf + "ffn_norm"))
+                x = self._round(x + a + m)
+                continue
+            a = self._attention_static(i, self._norm(x, pf + "attn_norm"), pos, mask, cache)
+            if cfg["sandwich_norm"]:
+                a = self._norm(a, pf + "post_attn_norm")
+            x = self._round(x + a)
+            m = self._mlp(i, self._norm(x, pf + "ffn_norm"))
+            if cfg["sandwich_norm"]:
+                m = self._norm(m, pf + "post_ffn_norm")
+            x = self._round(x + m)
+        return self.logits_from_hidden(self._norm(x, "final_norm")[:, -1])
+
     def _mlp(self, i, h):
         cfg = self.config
         p = f"layers.{i}."
@@ -948,7 +1141,9 @@ class Model:
         model's device (NumPy or CuPy). ``cache``: a :class:`KVCache` (or a dict, the older form)."""
         cfg = self.config
         xp = self.xp
-        tokens = _dev.to_host(tokens) if not isinstance(tokens, list) else np.asarray(tokens)
+        on_device = xp is not np and _dev.xp_of(tokens) is xp
+        if not on_device:
+            tokens = np.asarray(tokens) if isinstance(tokens, (list, tuple)) else _dev.to_host(tokens)
         if tokens.ndim == 1:
             tokens = tokens[None]
         if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
@@ -956,7 +1151,9 @@ class Model:
         B, T = tokens.shape
         if T == 0:
             raise ValueError("tokens must hold at least one position")
-        if tokens.min() < 0 or tokens.max() >= cfg["vocab_size"]:
+        # ids already on the GPU are not range-checked: that would wait for the device (and a
+        # forward that waits cannot be captured into a CUDA graph)
+        if not on_device and (tokens.min() < 0 or tokens.max() >= cfg["vocab_size"]):
             raise ValueError(f"token ids must lie in [0, {cfg['vocab_size']}), got range "
                              f"[{tokens.min()}, {tokens.max()}]")
         start_pos = int(start_pos)
@@ -969,7 +1166,8 @@ class Model:
                 raise ValueError("this KVCache belongs to a model on another device; make one with model.new_cache()")
             cache._reserve(start_pos, T, B)
         if xp is not np:
-            tokens = xp.asarray(tokens)  # the one host-to-device transfer of a forward
+            if not on_device:
+                tokens = xp.asarray(tokens)  # the one host-to-device transfer of a forward
             if self._cuda_layers():
                 _dev.use_current_stream(xp)
         x = self.weights["embed"][tokens].astype(np.float32)
