@@ -216,7 +216,7 @@ def worker(model_name: str, method: str, n_tokens: int, repeat: int, device: str
                 nxt = int(qm.xp.argmax(dec.next(nxt)[0]))
             _sync(qm)
             graph_t = min(graph_t, time.perf_counter() - t0)
-        kernels = dec.kernels
+        kernels = dec.kernels if dec.capture_error is None else f"eager: {dec.capture_error[:40]}"
     out = dict(model=qm.name, method=method, device=device, n_tokens=len(tokens), ppl=ppl,
                prefill_tok_s=(len(tokens) - 1) / best_ppl_t, decode_tok_s=N_DECODE / best_dec_t,
                decode_context=len(prompt), linear_mib=qm.linear_weight_nbytes / 2**20)

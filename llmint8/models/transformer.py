@@ -553,6 +553,7 @@ class Decoder:
         self._out = None
         self._pool = None
         self.kernels = None  # kernel nodes of the captured step, once captured
+        self.capture_error = None  # why a capture failed (decoding then runs without a graph)
 
     @property
     def length(self) -> int:
@@ -581,13 +582,19 @@ class Decoder:
         # the new id and position go to the device asynchronously, ahead of the step
         self._tok.fill(token)
         self._pos.fill(c.length)
+        if self.graph and self._graph is None:
+            try:
+                self._capture()
+            except Exception as e:  # noqa: BLE001 - a library that cannot be captured: run eagerly
+                self.graph, self.capture_error = False, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                self._graph = self._out = None
+                warnings.warn(f"CUDA graph capture of the decoding step failed ({self.capture_error}); "
+                              f"decoding without a graph", RuntimeWarning, stacklevel=2)
         if not self.graph:
             if m._cuda_layers():
                 _dev.use_current_stream(self.xp)
             out = m._static_step(self._tok, self._pos, c)
         else:
-            if self._graph is None:
-                self._capture()
             self._graph.launch()
             out = self._out
         c.length += 1
@@ -596,25 +603,30 @@ class Decoder:
     def _capture(self):
         xp = self.xp
         m, c = self.model, self.cache
-        if m._cuda_layers():
-            _dev.use_current_stream(xp)
+        cuda_layers = m._cuda_layers()
+        # capture needs a stream of its own; it must see the work queued so far (the prompt's
+        # cache entries, the new id and position) on the current stream
+        xp.cuda.get_current_stream().synchronize()
         # the graph's scratch memory comes from a pool nobody else allocates from, so the
         # blocks it reuses at every replay are never handed to other arrays in between
         self._pool = xp.cuda.MemoryPool()
         stream = xp.cuda.Stream(non_blocking=True)
-        with xp.cuda.using_allocator(self._pool.malloc), stream:
-            if m._cuda_layers():
-                _dev.use_current_stream(xp)
-            m._static_step(self._tok, self._pos, c)  # warm-up: kernels compiled, pool filled
-            stream.begin_capture()
-            try:
-                self._out = m._static_step(self._tok, self._pos, c)
-            finally:
-                self._graph = stream.end_capture()
-            stream.synchronize()
-        if m._cuda_layers():
-            _dev.use_current_stream(xp)
-        self.kernels = graph_kernel_nodes(self._graph)
+        try:
+            with xp.cuda.using_allocator(self._pool.malloc), stream:
+                if cuda_layers:
+                    _dev.use_current_stream(xp)
+                m._static_step(self._tok, self._pos, c)  # warm-up: kernels compiled, pool filled
+                stream.begin_capture()
+                try:
+                    out = m._static_step(self._tok, self._pos, c)
+                finally:
+                    graph = stream.end_capture()
+                stream.synchronize()
+        finally:
+            if cuda_layers:
+                _dev.use_current_stream(xp)  # llmint8 back on the stream outside the capture
+        self._graph, self._out = graph, out
+        self.kernels = graph_kernel_nodes(graph)
 
 
 def graph_kernel_nodes(graph):
