@@ -155,7 +155,8 @@ def count_launches(qm, prompt):
         cuda.set_stream(1)
 
 
-def worker(model_name: str, method: str, n_tokens: int, repeat: int, device: str, decode_context: int) -> dict:
+def worker(model_name: str, method: str, n_tokens: int, repeat: int, device: str, decode_context: int,
+           cache_kind: str = "kv") -> dict:
     """Measure one (model, method) in this process; returns a dict of numbers."""
     import numpy as np
 
@@ -185,7 +186,7 @@ def worker(model_name: str, method: str, n_tokens: int, repeat: int, device: str
     prompt = [int(t) for t in (tokens[:decode_context] if len(tokens) >= decode_context else
                                rng.integers(0, qm.config["vocab_size"], decode_context))]
     best_dec_t = float("inf")
-    new_cache = getattr(qm, "new_cache", None)
+    new_cache = getattr(qm, "new_cache", None) if cache_kind == "kv" else None
     for _ in range(repeat + gpu):
         if new_cache is not None:
             cache = new_cache(capacity=len(prompt) + N_DECODE + 1)
@@ -193,7 +194,7 @@ def worker(model_name: str, method: str, n_tokens: int, repeat: int, device: str
             _sync(qm)
             t0 = time.perf_counter()
             _decode_loop(qm, cache, nxt, N_DECODE)
-        else:  # the runner before the preallocated cache (for before/after comparisons)
+        else:  # the concatenating dict cache the runner had before KVCache (kept for comparisons)
             cache = {}
             h = qm.hidden_states(np.array([prompt]), start_pos=0, cache=cache)
             nxt = int(np.argmax(qm.logits_from_hidden(h[0, -1])))
@@ -246,11 +247,13 @@ def main(argv=None):
     p.add_argument("--decode-context", type=int, default=16,
                    help="prompt tokens before the 32 decoded ones (default 16)")
     p.add_argument("--repeat", type=int, default=3, help="best of N (default 3)")
+    p.add_argument("--cache", default="kv", choices=["kv", "dict"],
+                   help="decode with the preallocated KVCache (default) or the concatenating dict cache (CPU)")
     p.add_argument("--json", default=None, help="also write the rows as JSON to this file")
     p.add_argument("--worker", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
-        print(json.dumps(worker(a.worker[0], a.worker[1], a.tokens, a.repeat, a.device, a.decode_context)))
+        print(json.dumps(worker(a.worker[0], a.worker[1], a.tokens, a.repeat, a.device, a.decode_context, a.cache)))
         return 0
     import llmint8
 
@@ -291,7 +294,7 @@ def main(argv=None):
         for method in [m.strip() for m in a.methods.split(",") if m.strip()]:
             r = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", name, method,
                                 "--tokens", str(a.tokens), "--repeat", str(a.repeat), "--device", a.device,
-                                "--decode-context", str(a.decode_context)],
+                                "--decode-context", str(a.decode_context), "--cache", a.cache],
                                capture_output=True, text=True)
             if r.returncode != 0:
                 print(f"{name:<24} {method:<9} failed: {r.stderr.strip().splitlines()[-1:]}")
