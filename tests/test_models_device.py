@@ -331,3 +331,35 @@ def test_gpu_graph_decoder_matches_eager():
     a, b = np.concatenate(a), np.concatenate(b)
     assert np.abs(a - b).max() / np.abs(b).max() < GPU_FLOAT_RTOL
     assert d.kernels is None or d.kernels > 0
+
+
+# --------------------------------------------------------------------------- the commands' --device
+
+
+@pytest.mark.parametrize("command", ["perplexity", "quantize", "analyze"])
+def test_cli_bad_device_is_a_usage_error_before_any_work(command, tmp_path, capsys, monkeypatch):
+    import llmint8.analysis.cli as acli
+    import llmint8.models as models
+    from llmint8 import __main__ as cli
+
+    def boom(*a, **k):
+        raise AssertionError("the command loaded a model before checking --device")
+
+    monkeypatch.setattr(models, "load_model", boom)
+    monkeypatch.setattr(acli, "_load", boom)
+    text = tmp_path / "t.txt"
+    text.write_text("some text to score\n")
+    argv = {"perplexity": ["perplexity", "--model", "stories260K", "--text", str(text)],
+            "quantize": ["quantize", "--model", "stories260K", "--out", str(tmp_path / "q")],
+            "analyze": ["analyze", "--model", "stories260K", "--text", str(text), "--out", str(tmp_path / "a")]}[command]
+    for device, words in (("gpu", ("--device gpu", "expected 'cpu', 'cuda' or 'cuda:N'")),
+                          ("cuda", ("--device cuda",))):
+        if device == "cuda" and GPU_REASON is None:
+            continue
+        rc = cli.main(argv + ["--device", device, "--no-progress"])
+        err = capsys.readouterr().err
+        assert rc == 2, err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in err, err
+        for w in words:
+            assert w in lines[0], lines[0]
