@@ -4,7 +4,7 @@ key/value cache, and peak memory, for float, fp16 and llm.int8, on the CPU or a 
     python benchmarks/bench_models.py                       # every available model, 512 tokens, CPU
     python benchmarks/bench_models.py --models stories260K --tokens 2048 --repeat 5
     python benchmarks/bench_models.py --models smollm2-135m --decode-context 512   # decode at 512 tokens
-    python benchmarks/bench_models.py --device cuda --models synthetic:smollm2-135m,synthetic:llama3-8b:4
+    python benchmarks/bench_models.py --device cuda --models synthetic:smollm2-135m,synthetic:llama3-8b:2
 
 Models: stories260K (shared data folder), smollm2-135m and gemma3-270m (zoo, only if already
 cached: fetch them with ``python -c "from llmint8.models import zoo; zoo.fetch('NAME')"``);
@@ -240,7 +240,7 @@ def worker(model_name: str, method: str, n_tokens: int, repeat: int, device: str
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default=None, help="comma-separated (default: every available real model on the CPU; "
-                                                  "synthetic:smollm2-135m,synthetic:llama3-8b:4 on a GPU)")
+                                                  "synthetic:smollm2-135m,synthetic:llama3-8b:2 on a GPU)")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     p.add_argument("--tokens", type=int, default=512, help="tokens scored for prefill (default 512)")
@@ -259,7 +259,7 @@ def main(argv=None):
 
     gpu = a.device != "cpu"
     if a.models is None:
-        a.models = "synthetic:smollm2-135m,synthetic:llama3-8b:4" if gpu else ",".join(MODELS)
+        a.models = "synthetic:smollm2-135m,synthetic:llama3-8b:2" if gpu else ",".join(MODELS)
     if gpu:
         from llmint8.models.device import DeviceError, namespace
 

@@ -4,7 +4,8 @@
 # initcheck) on a short program that walks every CUDA path, the CUDA-graph capture check,
 # the GPU benchmark and a kernel-level profile of the forward (ncu). Logs go to $OUT when
 # set, else ./gpu-check-logs; the last lines printed are a one-screen summary. Budget:
-# under 8 minutes on an H100/H200 (seen: about 2 minutes on an H200, 2026-11-30).
+# under 8 minutes on an H100/H200 (seen: about 2 minutes on an H200, 2026-11-30, before the
+# model phases were added; those two stop after 3 + 2.5 minutes at most, expected 2-3 together).
 #
 #   bash benchmarks/gpu_check.sh            # everything
 #   GPU_CHECK_SKIP="bench profile" bash benchmarks/gpu_check.sh
@@ -87,8 +88,8 @@ phase bench 180 $PY benchmarks/bench_linear.py --iters 50
 # whole models on the GPU (CuPy): equivalence with the CPU path, then prefill/decode speed
 STORIES=${GPU_CHECK_STORIES:-}
 [[ -z $STORIES && -d gpu-data/stories260K ]] && STORIES=gpu-data/stories260K
-phase models 240 $PY benchmarks/gpu_models_check.py ${STORIES:+--stories "$STORIES"}
-phase modelbench 200 $PY benchmarks/bench_models.py --device cuda --repeat 2 --json "$LOG/bench_models.json"
+phase models 180 $PY benchmarks/gpu_models_check.py ${STORIES:+--stories "$STORIES"}
+phase modelbench 150 $PY benchmarks/bench_models.py --device cuda --repeat 2 --json "$LOG/bench_models.json"
 # where a forward's GPU time goes, kernel by kernel (Nsight Compute, clocks left alone)
 phase profile 150 bash benchmarks/gpu_profile.sh
 
