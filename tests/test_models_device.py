@@ -244,9 +244,12 @@ def test_synthetic_model_has_outlier_features_in_every_projection_input():
 
 
 def test_synthetic_shapes_are_the_real_models():
-    m = synthetic_model("llama3-8b", n_layers=1, vocab_size=64)
-    assert m.weights["layers.0.attn.k.weight"].shape == (1024, 4096)
-    assert m.weights["layers.0.mlp.gate.weight"].shape == (14336, 4096)
+    from llmint8.models.loaders import expected_shapes
+
+    m = synthetic_model("smollm2-135m", n_layers=1, vocab_size=64)
+    want = expected_shapes(m.config)
+    assert {k: v.shape for k, v in m.weights.items()} == {k: want[k] for k in m.weights}
+    assert m.weights["layers.0.attn.k.weight"].shape == (3 * 64, 576)  # SmolLM2-135M: 3 KV heads of 64
     with pytest.raises(ValueError, match="unknown shape"):
         synthetic_model("gpt5")
 
