@@ -4,7 +4,8 @@
 # initcheck) on a short program that walks every CUDA path, the CUDA-graph capture check,
 # the GPU benchmark and a kernel-level profile of the forward (ncu). Logs go to $OUT when
 # set, else ./gpu-check-logs; the last lines printed are a one-screen summary. Budget:
-# under 8 minutes on an H100/H200 (seen: about 2 minutes on an H200, 2026-11-30).
+# under 8 minutes on an H100/H200 (seen: about 2 minutes on an H200, 2026-11-30, before the
+# model phases were added; those two stop after 3 + 2.5 minutes at most, expected 2-3 together).
 #
 #   bash benchmarks/gpu_check.sh            # everything
 #   GPU_CHECK_SKIP="bench profile" bash benchmarks/gpu_check.sh
@@ -12,7 +13,9 @@
 # Exit status 0 when every phase passed.
 # Environment: PYTHON (default python3), LLMINT8_CUDA_ARCHS (default: the GPU's own,
 # read from nvidia-smi, else 90), GPU_CHECK_SKIP (phases to leave out, by name: build
-# tests smoke graph memcheck racecheck initcheck bench profile).
+# tests smoke graph memcheck racecheck initcheck bench profile models modelbench),
+# GPU_CHECK_STORIES (stories260K.bin or its folder for the model check; default
+# ./gpu-data/stories260K, else the shared data folder). The model phases need CuPy.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # under $OUT (which takes a few files only): summary.txt, bench.log, tests.log and all the
@@ -38,7 +41,7 @@ phase() {  # phase NAME TIMEOUT_S CMD...: run CMD with its output in $LOG/NAME.l
     ((rc == 124 || rc == 137)) && verdict="TIMEOUT after ${limit}s"
     ((rc != 0 && rc != 124 && rc != 137)) && verdict="FAILED (exit $rc)"
     local tail_line
-    tail_line=$(grep -E "passed|failed|ERROR SUMMARY|RACECHECK SUMMARY|gpu_smoke:" "$LOG/$name.log" | tail -n 2 | tr '\n' ' ')
+    tail_line=$(grep -E "passed|failed|ERROR SUMMARY|RACECHECK SUMMARY|gpu_smoke:|gpu_models_check:" "$LOG/$name.log" | tail -n 2 | tr '\n' ' ')
     printf '%-10s %-22s %4ds  %s\n' "$name" "$verdict" $((SECONDS - t0)) "${tail_line:0:120}" >>"$SUMMARY"
     tail -n 25 "$LOG/$name.log"
     return $rc
@@ -64,7 +67,7 @@ $PY -c "import llmint8, json; print(json.dumps(llmint8.build_info())); print('cu
 
 # the CUDA tests, and every suite parametrized over backends (its cuda half runs here)
 phase tests 240 $PY -m pytest -q -p no:cacheprovider -o addopts="" -rfE \
-    tests/test_cuda.py tests/test_linear.py tests/test_errors.py tests/test_stress.py
+    tests/test_cuda.py tests/test_linear.py tests/test_errors.py tests/test_stress.py tests/test_models_device.py
 phase smoke 60 $PY benchmarks/gpu_smoke.py
 phase graph 60 $PY -m pytest -q -p no:cacheprovider -o addopts="" tests/test_cuda.py -k "graph or two_streams"
 if [[ -n $SAN ]]; then
@@ -82,6 +85,11 @@ else
     echo "sanitize   compute-sanitizer not found" >>"$SUMMARY"
 fi
 phase bench 180 $PY benchmarks/bench_linear.py --iters 50
+# whole models on the GPU (CuPy): equivalence with the CPU path, then prefill/decode speed
+STORIES=${GPU_CHECK_STORIES:-}
+[[ -z $STORIES && -d gpu-data/stories260K ]] && STORIES=gpu-data/stories260K
+phase models 180 $PY benchmarks/gpu_models_check.py ${STORIES:+--stories "$STORIES"}
+phase modelbench 150 $PY benchmarks/bench_models.py --device cuda --repeat 2 --json "$LOG/bench_models.json"
 # where a forward's GPU time goes, kernel by kernel (Nsight Compute, clocks left alone)
 phase profile 150 bash benchmarks/gpu_profile.sh
 
@@ -91,8 +99,12 @@ head -n 3 "$LOG/env.log"
 cat "$SUMMARY"
 echo "--- bench (benchmarks/bench_linear.py)"
 grep -B 2 -A 40 -- "-----" "$LOG/bench.log" 2>/dev/null | head -n 40
+echo "--- models (benchmarks/gpu_models_check.py, benchmarks/bench_models.py --device cuda)"
+grep -E "^(PASS|FAIL)|gpu_models_check:" "$LOG/models.log" 2>/dev/null | head -n 40
+grep -A 20 -- "-----" "$LOG/modelbench.log" 2>/dev/null | head -n 20
 if [[ -n ${OUT:-} ]]; then
     tar -czf "$OUT/logs.tgz" -C "$LOG" .
-    cp "$SUMMARY" "$LOG/bench.log" "$LOG/tests.log" "$LOG/profile.log" "$OUT/" 2>/dev/null
+    cp "$SUMMARY" "$LOG/bench.log" "$LOG/tests.log" "$LOG/profile.log" "$LOG/models.log" "$LOG/modelbench.log" \
+        "$OUT/" 2>/dev/null
 fi
 ! grep -qE "FAILED|TIMEOUT" "$SUMMARY"

@@ -53,10 +53,10 @@ def _where_looked() -> str:
     return ", ".join(zoo.data_dir_candidates()) + " (set LLMINT8_DATA to choose the folder)"
 
 
-def _load(spec: str):
+def _load(spec: str, device: str = "cpu"):
     from llmint8.models import load_model
 
-    return load_model(spec, dtype="float32")
+    return load_model(spec, dtype="float32", device=device)
 
 
 def _perplexity_fn():
@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="when no feature meets the criteria, zero the K largest-magnitude features instead")
     z.add_argument("--ppl-context", type=int, default=256, help="perplexity window (default 256)")
     z.add_argument("--ppl-stride", type=int, default=128, help="perplexity stride (default 128)")
+    p.add_argument("--device", default="cpu", help="where the model runs: cpu (default), cuda or cuda:N (needs "
+                                                  "CuPy: pip install 'llmint8[gpu]'); only the recorded layer "
+                                                  "inputs are copied to the host")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -166,6 +169,9 @@ def _run(args) -> int:
             raise UsageError(f"no text to analyse: pass --text FILE (the shared WikiText-2 file "
                              f"{'/'.join(_DEFAULT_TEXT)} was not found; looked in {_where_looked()})")
     check_output_dir(args.out, "--out folder")
+    from llmint8.models.device import check_cli_device
+
+    device = check_cli_device(getattr(args, "device", "cpu"))
     require_module("matplotlib", "analysis", "the plots")
     if not args.no_progress:
         require_module("tqdm", "analysis", "the progress bars (or pass --no-progress)")
@@ -179,7 +185,7 @@ def _run(args) -> int:
 
     t0 = time.time()
     try:
-        model = _load(args.model)
+        model = _load(args.model, device) if device != "cpu" else _load(args.model)
     except Exception as e:  # noqa: BLE001 - any loader failure becomes one line
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         hint = ""

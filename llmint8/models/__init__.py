@@ -16,9 +16,9 @@ from .generate import Generation, generate, stream_generate
 from .loaders import Checkpoint, load_checkpoint
 from .perplexity import perplexity, token_nll
 from .quantized import save_quantized
-from .transformer import METHODS, Model
+from .transformer import METHODS, KVCache, Model
 
-__all__ = ["load_model", "save_quantized", "perplexity", "token_nll", "Model", "METHODS", "Checkpoint",
+__all__ = ["load_model", "save_quantized", "perplexity", "token_nll", "Model", "METHODS", "Checkpoint", "KVCache",
            "generate", "stream_generate", "Generation"]
 
 
@@ -34,11 +34,25 @@ def load_model(name_or_path: str, dtype: str = "float32", tokenizer: str | None 
     tokenizer found beside the weights.
     ``dtype`` is the activation dtype, "float32" or "float16". Returns a float :class:`Model`, or
     for a quantized folder a model whose ``method`` is "llm.int8" (or "vectorwise").
-    ``row_scale="bitsandbytes"`` (quantized folders only) computes the int8 layers as
-    bitsandbytes does (see :func:`llmint8.models.quantized.with_bitsandbytes_forward`)."""
+    ``row_scale="bitsandbytes"`` (quantized folders, CPU only) computes the int8 layers as
+    bitsandbytes does (see :func:`llmint8.models.quantized.with_bitsandbytes_forward`).
+
+    ``device`` ("cpu", "cuda", "cuda:N") is where every array of the model lives. A GPU model is
+    read as on the CPU and copied to the device one array at a time, the host copy then released,
+    so the host memory peak does not exceed a CPU load's; a quantized folder's int8 layers go from
+    the memory-mapped file straight into their CUDA layers. Raises DeviceError (a RuntimeError)
+    before reading anything when CuPy, the GPU or (for int8 layers) llmint8's CUDA backend is
+    missing."""
+    from . import device as _dev
     from . import zoo
     from .quantized import ROW_SCALES, detect_quantized_format, load_quantized_checkpoint
 
+    device = _dev.parse_device(device)
+    if row_scale not in ROW_SCALES:
+        raise ValueError(f"row_scale must be one of {', '.join(map(repr, ROW_SCALES))}, got {row_scale!r}")
+    if row_scale != "llmint8" and _dev.is_cuda(device):
+        raise ValueError(f"row_scale={row_scale!r} is computed in NumPy on the CPU; load with device='cpu'")
+    _dev.namespace(device)  # no CuPy, no GPU: say so before any work
     path = str(name_or_path)
     if not os.path.exists(path):
         if zoo.is_zoo_name(path):
@@ -46,14 +60,14 @@ def load_model(name_or_path: str, dtype: str = "float32", tokenizer: str | None 
         else:
             raise FileNotFoundError(f"{name_or_path!r} is neither an existing path nor a zoo model "
                                     f"(known: {', '.join(zoo.names())})")
-    if row_scale not in ROW_SCALES:
-        raise ValueError(f"row_scale must be one of {', '.join(map(repr, ROW_SCALES))}, got {row_scale!r}")
     kind = detect_quantized_format(path)
     if row_scale != "llmint8" and kind is None:
         raise ValueError(f"row_scale={row_scale!r} applies to quantized folders (llmint8 or bitsandbytes 8-bit); "
                          f"{name_or_path!r} is a float model: quantize it, then use "
                          f"llmint8.models.quantized.with_bitsandbytes_forward")
     if kind is not None:
+        if _dev.is_cuda(device):
+            _dev.require_llmint8_cuda()
         m = load_quantized_checkpoint(path, kind, dtype=dtype, device=device, row_scale=row_scale)
         if tokenizer:
             from .tokenizers import load_tokenizer
@@ -70,4 +84,5 @@ def load_model(name_or_path: str, dtype: str = "float32", tokenizer: str | None 
         name = zoo.canonical_name(str(name_or_path))
     m = Model(ck.config, ck.weights, ck.tokenizer, name=name, dtype=dtype, baseline_note=ck.baseline_note)
     m.source = ck.source or path
-    return m
+    del ck
+    return m.to(device)

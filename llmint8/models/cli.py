@@ -44,7 +44,8 @@ def _parser() -> ArgumentParser:
     p.add_argument("--text", required=True, help="UTF-8 text file to score")
     p.add_argument("--methods", default=DEFAULT_METHODS,
                    help=f"comma-separated methods besides the float baseline (default {DEFAULT_METHODS})")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device of llm.int8/vectorwise layers")
+    p.add_argument("--device", default="cpu", help="where the model runs: cpu (default), cuda or cuda:N (the whole "
+                                                    "forward on the GPU; needs CuPy: pip install 'llmint8[gpu]')")
     p.add_argument("--threshold", type=float, default=6.0, help="LLM.int8 outlier threshold (default 6.0)")
     p.add_argument("--max-tokens", default=str(DEFAULT_MAX_TOKENS), metavar="N|all",
                    help=f"score the first N tokens of the text (default {DEFAULT_MAX_TOKENS}); 'all' scores "
@@ -109,12 +110,9 @@ def _perplexity_command(argv: list[str]) -> int:
                          f"--stride {args.stride}")
     if not (math.isfinite(args.threshold) and args.threshold >= 0):
         raise UsageError(f"--threshold must be a finite number >= 0, got {args.threshold}")
-    if args.device == "cuda" and any(m in ("llm.int8", "vectorwise") for m in methods):
-        import llmint8
+    from .device import check_cli_device
 
-        if not llmint8.cuda_available():
-            raise UsageError("--device cuda: the CUDA backend is not available here (built without CUDA, or no "
-                             "GPU/driver); use --device cpu")
+    args.device = check_cli_device(args.device, int8_layers=any(m in ("llm.int8", "vectorwise") for m in methods))
     check_input_file(args.text, "text file")
     if args.json:
         check_output_file(args.json, "--json file")
@@ -135,7 +133,7 @@ def _perplexity_command(argv: list[str]) -> int:
     from . import load_model, perplexity
 
     try:
-        model = load_model(args.model, dtype=args.dtype)
+        model = load_model(args.model, dtype=args.dtype, device=args.device)
     except zoo.ZooError as e:
         raise CommandError(str(e)) from None
     except (FileNotFoundError, ValueError) as e:
@@ -172,7 +170,7 @@ def _perplexity_command(argv: list[str]) -> int:
               f"scoring it as saved, without a float baseline", flush=True)
     for m in order:
         t0 = time.perf_counter()
-        qm = model if m == model.method else model.quantize(m, threshold=args.threshold, device=args.device)
+        qm = model if m == model.method else model.quantize(m, threshold=args.threshold)
         r = perplexity(qm, tokens, context=args.context, stride=args.stride, progress=progress)
         rows.append(dict(method=m, ppl=r["ppl"], nll=r["nll"], n_tokens=r["n_tokens"],
                          weight_bytes=qm.linear_weight_nbytes, seconds=time.perf_counter() - t0))

@@ -1,10 +1,15 @@
-"""Sliding-window perplexity of a model over a token sequence."""
+"""Sliding-window perplexity of a model over a token sequence.
+
+On a GPU model the log-softmax runs on the device too: per window only the sum of the
+negative log-likelihoods (one float64) comes back to the host."""
 
 from __future__ import annotations
 
 import math
 
 import numpy as np
+
+from .device import to_host, xp_of
 
 __all__ = ["perplexity", "token_nll"]
 
@@ -15,7 +20,7 @@ def token_nll(model, tokens) -> np.ndarray:
     tokens: int sequence (seq,) -> float64 array (seq-1,): -log p(tokens[t] | tokens[:t])."""
     tokens = np.asarray(tokens, dtype=np.int64)
     h = model.forward(tokens[None, :-1], logits=False)[0]
-    return _nll_rows(model, h, tokens[1:])
+    return to_host(_nll_rows(model, h, tokens[1:]))
 
 
 def _nll_rows(model, h, targets, block=64):
@@ -24,19 +29,28 @@ def _nll_rows(model, h, targets, block=64):
     The logits stay float32 (a block of rows at a time, so a 262k vocabulary costs 64 MB, not a
     float64 copy of the whole window): the max is subtracted in float32, exp is taken in float32
     and only the row sums and the final log-sum-exp are float64. exp(l - max) is in (0, 1] with a
-    relative error of ~1e-7 per term, so the result agrees with a float64 log-softmax to ~1e-7."""
-    out = np.empty(len(targets), dtype=np.float64)
+    relative error of ~1e-7 per term, so the result agrees with a float64 log-softmax to ~1e-7.
+
+    ``h`` and the result are arrays of the model's device (NumPy, or CuPy on a GPU)."""
+    xp = xp_of(h)
+    if xp is not np:
+        targets = xp.asarray(targets)
+    out = xp.empty(len(targets), dtype=np.float64)
     for s in range(0, len(targets), block):
-        lg = np.asarray(model.logits_from_hidden(h[s:s + block]), dtype=np.float32)
-        if lg.base is not None or not lg.flags.writeable:
-            lg = lg.copy()  # worked on in place below: never a view of someone else's array
-        rows = np.arange(lg.shape[0])
+        lg = model.logits_from_hidden(h[s:s + block])
+        if xp is np:
+            lg = np.asarray(lg, dtype=np.float32)
+            if lg.base is not None or not lg.flags.writeable:
+                lg = lg.copy()  # worked on in place below: never a view of someone else's array
+        else:
+            lg = lg.astype(np.float32, copy=True)
+        rows = xp.arange(lg.shape[0])
         target = lg[rows, targets[s:s + block]].astype(np.float64)
         m = lg.max(axis=-1, keepdims=True)
-        np.subtract(lg, m, out=lg)
-        np.exp(lg, out=lg)
+        xp.subtract(lg, m, out=lg)
+        xp.exp(lg, out=lg)
         total = lg.sum(axis=-1, dtype=np.float64)
-        out[s:s + block] = m[:, 0].astype(np.float64) + np.log(total) - target
+        out[s:s + block] = m[:, 0].astype(np.float64) + xp.log(total) - target
     return out
 
 

@@ -252,11 +252,14 @@ def _int8_layers(model):
 
 def _nonlinear_weights(model) -> dict:
     """Canonical non-linear weights (embeddings, norms, head) without the linear layers' weights."""
+    from .device import to_host
+
     lin = {n + s for n in model.linear_names for s in (".weight", ".bias")}
     w = {k: v for k, v in model.weights.items() if k not in lin}
     if model.config.get("tie_embeddings") and w.get("lm_head.weight") is w.get("embed"):
         w.pop("lm_head.weight", None)
-    return w
+    # a GPU model's weights are copied to the host here, so the files do not depend on the device
+    return {k: to_host(v) for k, v in w.items()}
 
 
 def save_quantized(model, folder: str, format: str = "llmint8", overwrite: bool = False,
@@ -681,6 +684,16 @@ def load_quantized(folder: str, dtype: str = "float32", device: str | None = "cp
     m.threshold = float(thr)
     m.source = meta.get("source") or ""
     m.calibration_tokens = int(meta.get("calibration_tokens") or 0)
+    return _on_device(m, device)
+
+
+def _on_device(m, device):
+    """The loaded model with its other (memory-mapped) weights on ``device`` too, when that is a
+    GPU; its int8 layers are already there."""
+    from .device import is_cuda, parse_device
+
+    if device is not None and is_cuda(parse_device(device)):
+        return m.to(device)
     return m
 
 
@@ -806,7 +819,7 @@ def load_bitsandbytes(folder: str, dtype: str = "float32", device: str | None = 
     m = Model(cfg, w, tok, name=ck.name, dtype=dtype, linears=linears, method="llm.int8")
     m.threshold = float(thr)
     m.source = os.path.abspath(folder)
-    return m
+    return _on_device(m, device)
 
 
 def load_quantized_checkpoint(folder: str, kind: str, dtype="float32", device="cpu", row_scale: str = "llmint8"):
