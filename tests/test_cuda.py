@@ -920,3 +920,53 @@ def test_float32_outliers_beyond_fp16_range_match_cpu(m):
     y = dev.forward(lcuda.to_device(x)).numpy()
     assert np.isfinite(y).all()
     assert_same(y, cpu.forward(x))
+
+
+def _overflowing_layer(device):
+    """A float32 weight whose row 2 dequantizes beyond fp16's range in column 4 (only)."""
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((24, 40)).astype(np.float32)
+    w[2] *= 1e4
+    w[2, 4] = 1.5e5
+    return w, llmint8.Int8Linear.from_float(w, threshold=6.0, device=device)
+
+
+@gpu
+@pytest.mark.parametrize("m", [3, 40])  # the single-launch small-m path and the multi-launch path
+def test_float16_x_with_a_weight_beyond_fp16_raises_like_cpu(m):
+    # float16 x rounds a dynamic column's dequantized weight to fp16; weight[2, 4] does not
+    # fit, and both backends must say so rather than return inf (host and device x alike)
+    w, cpu = _overflowing_layer("cpu")
+    _, dev = _overflowing_layer("cuda")
+    rng = np.random.default_rng(m)
+    x = rng.standard_normal((m, 40)).astype(np.float32)
+    x[:, 4] = 20.0
+    x[1, 30] = -9.0  # another dynamic column, one that fits: column 4 is still the one named
+    x16 = x.astype(np.float16)
+    with pytest.raises(ValueError) as e_cpu:
+        cpu.forward(x16, out_dtype=np.float32)
+    with pytest.raises(ValueError) as e_host:
+        dev.forward(x16, out_dtype=np.float32)
+    with pytest.raises(ValueError) as e_dev:
+        dev.forward(lcuda.to_device(x16), out_dtype=np.float32)
+    assert "weight[2, 4]" in str(e_cpu.value)
+    assert str(e_host.value) == str(e_cpu.value) == str(e_dev.value)
+    # the layer is still usable: float32 x, and float16 x whose outliers avoid column 4
+    assert_same(dev.forward(lcuda.to_device(x)), cpu.forward(x))
+    x16[:, 4] = 1.0
+    assert_same(dev.forward(lcuda.to_device(x16), out_dtype=np.float32), cpu.forward(x16, out_dtype=np.float32))
+    assert_same(dev.forward(x16, out_dtype=np.float16), cpu.forward(x16, out_dtype=np.float16))
+
+
+@gpu
+def test_float16_forward_of_an_overflowing_layer_cannot_be_captured():
+    _, dev = _overflowing_layer("cuda")
+    x16 = lcuda.to_device(np.ones((4, 40), np.float16))
+    s = _cuda._stream_create()
+    try:
+        lcuda.set_stream(s)
+        with pytest.raises(ValueError, match="cannot be done while a CUDA graph is being captured"):
+            _cuda._graph_capture(lambda: dev.forward(x16, out_dtype=np.float16))
+    finally:
+        lcuda.set_stream(0)
+        _cuda._stream_destroy(s)

@@ -93,7 +93,13 @@ extern const l8_backend l8_cuda_backend;
  * holding +-Inf gives non-finite outputs in that row (NaN, or +-Inf where the Inf column
  * is an outlier column); the other rows are what the CPU backend gives for the finite
  * rows alone (an Inf at or above the threshold makes its column an outlier column, as a
- * large finite value would). Never a crash or an out-of-bounds access. */
+ * large finite value would). Never a crash or an out-of-bounds access.
+ * float16 x and a weight column whose dequantized value is beyond fp16's range: as on the
+ * CPU, a ValueError when this call finds that column as a dynamic outlier. The layer
+ * knows from its build whether it has such a column (rarely: only float32 weights beyond
+ * 65504 make one); only then does a float16 forward end with one small host
+ * synchronization (reading the device's verdict), and it refuses to run while its stream
+ * is being captured in a CUDA graph. Every other forward stays free of synchronization. */
 int l8_cuda_linear_forward(const l8_layer *L, const void *x, l8_dtype xt, int64_t m, void *y, l8_dtype yt,
                            cudaStream_t s, l8_status *st);
 

@@ -38,6 +38,7 @@
  */
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <limits.h>
 #include <stdint.h>
 
 #include <algorithm>
@@ -209,9 +210,11 @@ quantize_x_kernel(const T *__restrict__ x, int64_t k, int64_t kp, int64_t mpad, 
  * a whole number of warps, up to 1024 threads. dflag is read with plain loads: the
  * single-block caller wrote it before its barrier. */
 __device__ void compact_block(const uint8_t *__restrict__ kflag, const int32_t *__restrict__ known_pos,
-                              const unsigned *dflag, int64_t k, int *ocol, int *osrc, int *dcol, int *counts) {
-    __shared__ int wtot[32], wdyn[32];
+                              const unsigned *dflag, int64_t k, int *ocol, int *osrc, int *dcol, int *counts,
+                              const uint8_t *__restrict__ ovf) {
+    __shared__ int wtot[32], wdyn[32], ovmin;
     const int nthr = (int)blockDim.x, tid = (int)threadIdx.x, warp = tid / 32, lane = tid % 32, nw = nthr / 32;
+    if (tid == 0) ovmin = INT_MAX; /* read after the barriers below */
     const int64_t per = (k + nthr - 1) / nthr;
     const int64_t j0 = (int64_t)tid * per, j1 = j0 + per < k ? j0 + per : k; /* empty when j0 >= k */
     int ct = 0, cd = 0;
@@ -243,6 +246,7 @@ __device__ void compact_block(const uint8_t *__restrict__ kflag, const int32_t *
     __syncthreads();
     int ot = (warp > 0 ? wtot[warp - 1] : 0) + it - ct; /* this run's first entry and dynamic slot */
     int od = (warp > 0 ? wdyn[warp - 1] : 0) + id - cd;
+    int myov = INT_MAX; /* this run's first dynamic column whose weight overflows fp16 */
     for (int64_t j = j0; j < j1; j++) {
         const unsigned kf = kflag ? kflag[j] : 0u, df = dflag ? dflag[j] : 0u;
         if (kf != 0u) {
@@ -252,15 +256,24 @@ __device__ void compact_block(const uint8_t *__restrict__ kflag, const int32_t *
             ocol[ot] = (int)j;
             osrc[ot++] = -(od + 1);
             dcol[od++] = (int)j;
+            if (ovf && ovf[j] && myov == INT_MAX) myov = (int)j;
         }
     }
-    if (tid == 0) { counts[0] = wtot[nw - 1]; counts[1] = wdyn[nw - 1]; }
+    if (ovf) { /* uniform: the barrier is reached by every thread or by none */
+        if (myov != INT_MAX) atomicMin(&ovmin, myov);
+        __syncthreads();
+    }
+    if (tid == 0) {
+        counts[0] = wtot[nw - 1];
+        counts[1] = wdyn[nw - 1];
+        counts[2] = ovmin; /* INT_MAX when no overflowing column was found (or none is checked) */
+    }
 }
 
 __global__ void __launch_bounds__(CBLOCK)
 compact_kernel(const uint8_t *__restrict__ kflag, const int32_t *__restrict__ known_pos, const unsigned *dflag,
-               int64_t k, int *ocol, int *osrc, int *dcol, int *counts) {
-    compact_block(kflag, known_pos, dflag, k, ocol, osrc, dcol, counts);
+               int64_t k, int *ocol, int *osrc, int *dcol, int *counts, const uint8_t *__restrict__ ovf) {
+    compact_block(kflag, known_pos, dflag, k, ocol, osrc, dcol, counts, ovf);
 }
 
 /* Pass 2 for row i with the whole block (see l8_outliers_fix_cuda). */
@@ -327,7 +340,7 @@ template <typename T, int VEC>
 __global__ void __launch_bounds__(CBLOCK, 1)
 small_m_kernel(const T *__restrict__ x, int m, int64_t k, int64_t kp, float thr, const uint8_t *__restrict__ kflag,
                const int32_t *__restrict__ known_pos, unsigned *dflag, int *ocol, int *osrc, int *dcol, int *counts,
-               int8_t *__restrict__ xq, float *__restrict__ sx) {
+               int8_t *__restrict__ xq, float *__restrict__ sx, const uint8_t *__restrict__ ovf) {
     __shared__ int rcol[L8_CUDA_SMALL_M];
     const bool any = thr > 0.0f || kflag != nullptr;
     if (dflag)
@@ -341,7 +354,7 @@ small_m_kernel(const T *__restrict__ x, int m, int64_t k, int64_t kp, float thr,
     }
     if (!any) return;
     __syncthreads();
-    compact_block(kflag, known_pos, dflag, k, ocol, osrc, dcol, counts);
+    compact_block(kflag, known_pos, dflag, k, ocol, osrc, dcol, counts, ovf);
     __syncthreads();
     for (int i = 0; i < m; i++) {
         const int rc = rcol[i];
@@ -394,7 +407,8 @@ cudaError_t l8_quantize_x_cuda(const void *x, l8_dtype xt, int64_t m, int64_t k,
 
 cudaError_t l8_outliers_compact_cuda(const uint8_t *kflag, const int32_t *known_pos, int64_t k,
                                      const l8_outlier_list *ol, cudaStream_t s) {
-    compact_kernel<<<1, CBLOCK, 0, s>>>(kflag, known_pos, ol->dflag, k, ol->ocol, ol->osrc, ol->dcol, ol->counts);
+    compact_kernel<<<1, CBLOCK, 0, s>>>(kflag, known_pos, ol->dflag, k, ol->ocol, ol->osrc, ol->dcol, ol->counts,
+                                        ol->ovf);
     return cudaGetLastError();
 }
 
@@ -440,7 +454,7 @@ cudaError_t l8_quantize_small_m_cuda(const void *x, l8_dtype xt, int64_t m, int6
     const int threads = (CBLOCK / 32 / mi) * mi * 32;
 #define L8_SMALL_LAUNCH(T, V)                                                                                      \
     small_m_kernel<T, V><<<1, threads, 0, s>>>(static_cast<const T *>(x), mi, k, kp, threshold, kflag, known_pos, \
-                                               ol->dflag, ol->ocol, ol->osrc, ol->dcol, ol->counts, xq, sx)
+                                               ol->dflag, ol->ocol, ol->osrc, ol->dcol, ol->counts, xq, sx, ol->ovf)
     if (xt == L8_F16) {
         if (vec_ok<__half>(x, k))
             L8_SMALL_LAUNCH(__half, 8);

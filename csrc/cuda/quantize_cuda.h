@@ -14,7 +14,9 @@
 
 /* Per-call outlier bookkeeping on the device (dflag cleared by one memset before pass 1
  * when there is a threshold; counts are written by the compaction):
- *   counts[0]  number of outlier columns (known U dynamic), counts[1] dynamic ones
+ *   counts[0]  number of outlier columns (known U dynamic), counts[1] dynamic ones,
+ *   counts[2]  the smallest dynamic column whose dequantized weight overflows fp16 (ovf),
+ *              INT_MAX when none (or ovf is NULL); counts has 4 ints
  *   dflag[k]   1 where some |x[i, j]| >= threshold (j not a known column)
  * Filled by l8_quantize_x_cuda + l8_outliers_compact_cuda:
  *   ocol[k]    the outlier columns in ascending order (the CPU backend's order), [0, counts[0])
@@ -24,6 +26,10 @@ typedef struct {
     int *counts;
     unsigned *dflag;
     int *ocol, *osrc, *dcol;
+    /* (k,) 1 in the columns whose weight, dequantized and rounded to fp16, is not finite
+     * (the layer's build finds them); NULL: nothing to check (float32 x, no threshold, or
+     * no such column, the usual case) */
+    const uint8_t *ovf;
 } l8_outlier_list;
 
 /* Pass 1 over x (m, k), one block per row, x read from DRAM once (the second read of a
