@@ -39,6 +39,7 @@
 #include <new>
 
 #include "gemm_cuda.h"
+#include "fused_cuda.h"
 #include "quantize_cuda.h"
 
 extern "C" {
@@ -323,6 +324,42 @@ int ovf_error(const l8_layer *L, const cuda_impl *c, int col, l8_status *st) {
                    col, (long long)c->ovf_row[col], col, c->ovf_val[col]);
 }
 
+/* Whether the one-launch decoding kernel takes this call: selected in the context, few
+ * enough rows, and int8 x fits in a block's shared memory on this device. */
+bool fused_decode_fits(const l8_layer *L, const cuda_impl *c, int64_t m, int *sms) {
+    if (!(l8_cuda_ctx_fused(c->ctx) & L8_FUSED_DECODE) || m > L8_CUDA_FUSED_MAX_M) return false;
+    int optin = 0;
+    if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, L->device) != cudaSuccess ||
+        cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, L->device) != cudaSuccess) {
+        (void)cudaGetLastError();
+        return false;
+    }
+    return l8_fused_decode_smem(m, L->in_features, c->kp) <= (size_t)optin;
+}
+
+/* The forward through the decoding kernel (one launch; with check_ovf, a 4-byte verdict
+ * read back with one synchronization, as on the other paths). Device current. */
+int fused_decode_forward(const l8_layer *L, const cuda_impl *c, const void *x, l8_dtype xt, int64_t m, void *y,
+                         l8_dtype yt, bool check_ovf, int sms, cudaStream_t s, l8_status *st) {
+    int *ovf_dev = nullptr, ovf_col = INT_MAX, rc = -1;
+    if (check_ovf && l8_cuda_alloc((void **)&ovf_dev, sizeof(int), s, st) < 0) return -1;
+    L8_CUDA_CHECK(st, l8_fused_decode_cuda(x, xt, m, L->in_features, c->kp, c->np, L->out_features, L->threshold,
+                                           c->kflag, c->known_pos, c->wq, c->wscale, c->bias, c->wk, y, yt,
+                                           check_ovf ? c->ovf : nullptr, ovf_dev, sms, s));
+    if (check_ovf) {
+        L8_CUDA_CHECK(st, cudaMemcpyAsync(&ovf_col, ovf_dev, sizeof(int), cudaMemcpyDeviceToHost, s));
+        L8_CUDA_CHECK(st, cudaStreamSynchronize(s));
+        if (ovf_col >= 0 && ovf_col < L->in_features) {
+            ovf_error(L, c, ovf_col, st);
+            goto fail;
+        }
+    }
+    rc = 0;
+fail:
+    l8_cuda_free(ovf_dev, s);
+    return rc;
+}
+
 } // namespace
 
 extern "C" int l8_cuda_linear_forward(const l8_layer *L, const void *x, l8_dtype xt, int64_t m, void *y,
@@ -349,6 +386,14 @@ extern "C" int l8_cuda_linear_forward(const l8_layer *L, const void *x, l8_dtype
                 "(column %d, among others maybe), so a float16 forward checks its outlier columns on the host, "
                 "which cannot be done while a CUDA graph is being captured; pass x as float32",
                 first_ovf_column(L, c));
+    }
+    {
+        int sms = 0;
+        if (fused_decode_fits(L, c, m, &sms)) {
+            rc = fused_decode_forward(L, c, x, xt, m, y, yt, check_ovf, sms, s, st);
+            l8_cuda_pop_device(prev);
+            return rc;
+        }
     }
 
     carver cv;
