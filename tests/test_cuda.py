@@ -970,3 +970,149 @@ def test_float16_forward_of_an_overflowing_layer_cannot_be_captured():
     finally:
         lcuda.set_stream(0)
         _cuda._stream_destroy(s)
+
+
+# ====================================================================== the fused decoding path
+
+@pytest.fixture
+def fused_decode():
+    """The one-launch decoding forward forced on (it is opt-in until checked on a GPU)."""
+    old = _cuda._set_fused("decode")
+    try:
+        yield
+    finally:
+        _cuda._set_fused(old)
+
+
+@gpu
+def test_set_fused_takes_the_modes_it_names():
+    old = _cuda._set_fused("none")
+    try:
+        assert _cuda._set_fused("decode") == "none"
+        assert _cuda._set_fused("none") == "decode"
+        with pytest.raises(ValueError, match="mode must be 'decode', 'all' or 'none'"):
+            _cuda._set_fused("fast")
+    finally:
+        _cuda._set_fused(old)
+
+
+@gpu
+@pytest.mark.parametrize("m", list(range(1, 17)))
+@pytest.mark.parametrize("frac", [0.0, 0.01, 0.5, 1.0])  # outlier columns found at run time
+@pytest.mark.parametrize("xdt", [np.float16, np.float32])
+def test_fused_decode_matches_cpu(fused_decode, m, frac, xdt):
+    k, n = 100, 77  # k % 8 != 0: scalar loads; n odd
+    cpu, dev = make_layers(n, k, 6.0, known=(3, 17, 40), seed=m)
+    x = activations(m, k, n_outlier_cols=int(round(frac * k)), seed=m + 1, dtype=xdt)
+    for ydt in (np.float16, np.float32):
+        y_cpu = cpu.forward(x, out_dtype=ydt)
+        assert_same(dev.forward(lcuda.to_device(x), out_dtype=ydt), y_cpu)
+        assert_same(dev.forward(x, out_dtype=ydt), y_cpu)
+
+
+@gpu
+@pytest.mark.parametrize("k", [5, 13, 16, 64, 257, 1536])  # 1536 with every column an outlier: past the list
+@pytest.mark.parametrize("m", [1, 3, 8, 9, 16])
+@pytest.mark.parametrize("threshold,known,bias", [(0.0, (), False), (6.0, (), True), (0.0, (1, 4), True),
+                                                   (6.0, (0, 2), False)])
+def test_fused_decode_shapes_match_cpu(fused_decode, k, m, threshold, known, bias):
+    n = 33
+    cpu, dev = make_layers(n, k, threshold, known=known, bias=bias, seed=k)
+    x = activations(m, k, n_outlier_cols=k if k == 1536 else min(2, k), seed=k + m, dtype=np.float16)
+    assert_same(dev.forward(lcuda.to_device(x), out_dtype=np.float32), cpu.forward(x, out_dtype=np.float32))
+
+
+@gpu
+@pytest.mark.parametrize("xdt", [np.float16, np.float32])
+def test_fused_decode_vector_loads_and_element_aligned_input(fused_decode, xdt):
+    # k % 8 == 0 and an aligned x: 16-byte loads; x one element off: scalar loads; same bits
+    m, k = 5, 256
+    cpu, dev = make_layers(40, k, 6.0, known=(2,))
+    x = activations(m, k, n_outlier_cols=2, dtype=xdt)
+    y_cpu = cpu.forward(x, out_dtype=np.float32)
+    assert_same(dev.forward(lcuda.to_device(x), out_dtype=np.float32), y_cpu)
+    flat = lcuda.to_device(np.concatenate([np.zeros(1, xdt), x.ravel()]))
+    xd = CAIOnly(flat, shape=(m, k), data=(flat.ptr + np.dtype(xdt).itemsize, False))
+    assert_same(dev.forward(xd, out_dtype=np.float32), y_cpu)
+
+
+@gpu
+def test_fused_decode_zero_and_subnormal_rows(fused_decode):
+    k, n = 64, 20
+    cpu, dev = make_layers(n, k, 6.0)
+    x = activations(4, k, n_outlier_cols=2)
+    x[1] = 0.0  # scale 0
+    x[2] *= np.float32(1e-39)  # a subnormal scale: 127 / s overflows, the double division
+    assert_same(dev.forward(lcuda.to_device(x)), cpu.forward(x))
+
+
+@gpu
+def test_fused_decode_realistic_shapes(fused_decode):
+    # many weight tiles per block (more tiles than the grid holds), k = 4096 / 11008
+    for n, k, m in ((4096, 4096, 1), (11008, 4096, 16), (4096, 11008, 8)):
+        cpu, dev = make_layers(n, k, 6.0, known=(7,), seed=n + k, dtype=np.float16)
+        x = activations(m, k, n_outlier_cols=4, seed=m, dtype=np.float16)
+        assert_same(dev.forward(lcuda.to_device(x), out_dtype=np.float16), cpu.forward(x, out_dtype=np.float16))
+
+
+@gpu
+def test_fused_decode_falls_back_when_int8_x_does_not_fit(fused_decode):
+    # 16 rows of 14336 int8 values (224 KiB) exceed a block's shared memory: the two-launch path
+    m, k, n = 16, 14336, 48
+    cpu, dev = make_layers(n, k, 6.0, seed=3)
+    x = activations(m, k, n_outlier_cols=5, dtype=np.float16)
+    assert_same(dev.forward(lcuda.to_device(x), out_dtype=np.float32), cpu.forward(x, out_dtype=np.float32))
+
+
+@gpu
+@pytest.mark.parametrize("m", [3, 12])
+def test_fused_decode_overflowing_weight_raises_like_cpu(fused_decode, m):
+    _, cpu = _overflowing_layer("cpu")
+    _, dev = _overflowing_layer("cuda")
+    x = np.random.default_rng(m).standard_normal((m, 40)).astype(np.float16)
+    x[:, 4] = 20.0
+    with pytest.raises(ValueError) as e_cpu:
+        cpu.forward(x)
+    with pytest.raises(ValueError) as e_dev:
+        dev.forward(lcuda.to_device(x))
+    assert str(e_dev.value) == str(e_cpu.value)
+    x[:, 4] = 1.0
+    assert_same(dev.forward(lcuda.to_device(x)), cpu.forward(x))
+
+
+@gpu
+def test_fused_decode_nonfinite_device_input_stays_in_its_rows(fused_decode):
+    k, n = 64, 24
+    cpu, dev = make_layers(n, k, 6.0)
+    x = activations(4, k, n_outlier_cols=2)
+    x[1, 10] = np.nan
+    y = dev.forward(lcuda.to_device(x)).numpy()
+    assert np.isnan(y[1]).all()
+    keep = [0, 2, 3]
+    assert_same(y[keep], cpu.forward(x[keep]))
+
+
+@gpu
+@pytest.mark.parametrize("m", [1, 16])
+def test_fused_decode_captured_in_a_cuda_graph(fused_decode, m):
+    k, n = 256, 192
+    cpu, dev = make_layers(n, k, 6.0, known=(7, 100))
+    s = _cuda._stream_create()
+    try:
+        lcuda.set_stream(s)
+        xd = lcuda.to_device(activations(m, k, n_outlier_cols=3, seed=1, dtype=np.float16))
+        dev.forward(xd, out_dtype=np.float16)
+        lcuda.synchronize()
+        out = {}
+        graph = _cuda._graph_capture(lambda: out.__setitem__("y", dev.forward(xd, out_dtype=np.float16)))
+        for seed in (2, 3):
+            x2 = activations(m, k, n_outlier_cols=5, seed=seed, dtype=np.float16)
+            _cuda._copy_into(xd, x2)
+            graph.replay()
+            lcuda.synchronize()
+            np.testing.assert_array_equal(out["y"].numpy(), cpu.forward(x2, out_dtype=np.float16))
+        del graph, out, xd
+        lcuda.synchronize()
+    finally:
+        lcuda.set_stream(0)
+        _cuda._stream_destroy(s)
