@@ -2,9 +2,15 @@
 # One command for a machine with a GPU: build llmint8 for that GPU, run the CUDA tests and
 # the backend-parametrized suites on cuda, compute-sanitizer (memcheck, racecheck,
 # initcheck) on a short program that walks every CUDA path, the CUDA-graph capture check,
-# the GPU benchmark and a kernel-level profile of the forward (ncu). Logs go to $OUT when
+# the GPU benchmark and a kernel-level profile of the forward (ncu). The fused paths (opt-in
+# until checked here: LLMINT8_CUDA_FUSED=decode) get their own test run, smoke run,
+# sanitizer runs and profile; the benchmark times them beside the default dispatch and
+# --check says which targets are met. Logs go to $OUT when
 # set, else ./gpu-check-logs; the last lines printed are a one-screen summary. Budget:
-# under 8 minutes on an H100/H200 (seen: about 2 minutes on an H200, 2026-11-30).
+# under 8 minutes on an H100/H200 (seen: about 2 minutes on an H200, 2026-11-30, before the
+# fused phases were added; with them about 4-5 minutes expected, not yet measured). To reuse
+# an extension built elsewhere for sm_90a (carried in the working tree), run with
+# LLMINT8_CUDA_ARCHS=90a: the build phase then finds its objects up to date.
 #
 #   bash benchmarks/gpu_check.sh            # everything
 #   GPU_CHECK_SKIP="bench profile" bash benchmarks/gpu_check.sh
@@ -12,7 +18,8 @@
 # Exit status 0 when every phase passed.
 # Environment: PYTHON (default python3), LLMINT8_CUDA_ARCHS (default: the GPU's own,
 # read from nvidia-smi, else 90), GPU_CHECK_SKIP (phases to leave out, by name: build
-# tests smoke graph memcheck racecheck initcheck bench profile).
+# tests fused smoke smokefused graph memcheck racecheck initcheck fmemcheck fracecheck finitcheck
+# bench profile).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # under $OUT (which takes a few files only): summary.txt, bench.log, tests.log and all the
@@ -65,7 +72,11 @@ $PY -c "import llmint8, json; print(json.dumps(llmint8.build_info())); print('cu
 # the CUDA tests, and every suite parametrized over backends (its cuda half runs here)
 phase tests 240 $PY -m pytest -q -p no:cacheprovider -o addopts="" -rfE \
     tests/test_cuda.py tests/test_linear.py tests/test_errors.py tests/test_stress.py
+# the same tests with the fused decoding forward in every m <= 16 call (the fused tests force it anyway)
+phase fused 180 env LLMINT8_CUDA_FUSED=decode $PY -m pytest -q -p no:cacheprovider -o addopts="" -rfE \
+    tests/test_cuda.py tests/test_linear.py
 phase smoke 60 $PY benchmarks/gpu_smoke.py
+phase smokefused 60 $PY benchmarks/gpu_smoke.py --fused --graph
 phase graph 60 $PY -m pytest -q -p no:cacheprovider -o addopts="" tests/test_cuda.py -k "graph or two_streams"
 if [[ -n $SAN ]]; then
     # every CUDA path of the smoke program, the graph capture included; no leak check: a
@@ -77,11 +88,14 @@ if [[ -n $SAN ]]; then
         [[ $tool == initcheck ]] && extra=(--no-fp16-baseline)
         phase "$tool" 150 "$SAN" --tool "$tool" --error-exitcode 99 --print-limit 20 $PY benchmarks/gpu_smoke.py \
             --graph "${extra[@]}"
+        # the fused paths forced (f + tool: fmemcheck, fracecheck, finitcheck)
+        phase "f$tool" 120 "$SAN" --tool "$tool" --error-exitcode 99 --print-limit 20 $PY benchmarks/gpu_smoke.py \
+            --graph --fused "${extra[@]}"
     done
 else
     echo "sanitize   compute-sanitizer not found" >>"$SUMMARY"
 fi
-phase bench 180 $PY benchmarks/bench_linear.py --iters 50
+phase bench 240 $PY benchmarks/bench_linear.py --iters 50 --check
 # where a forward's GPU time goes, kernel by kernel (Nsight Compute, clocks left alone)
 phase profile 150 bash benchmarks/gpu_profile.sh
 
@@ -91,6 +105,7 @@ head -n 3 "$LOG/env.log"
 cat "$SUMMARY"
 echo "--- bench (benchmarks/bench_linear.py)"
 grep -B 2 -A 40 -- "-----" "$LOG/bench.log" 2>/dev/null | head -n 40
+grep -A 20 -- "--- targets" "$LOG/bench.log" 2>/dev/null
 if [[ -n ${OUT:-} ]]; then
     tar -czf "$OUT/logs.tgz" -C "$LOG" .
     cp "$SUMMARY" "$LOG/bench.log" "$LOG/tests.log" "$LOG/profile.log" "$OUT/" 2>/dev/null
