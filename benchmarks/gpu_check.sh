@@ -3,14 +3,14 @@
 # the backend-parametrized suites on cuda, compute-sanitizer (memcheck, racecheck,
 # initcheck) on a short program that walks every CUDA path, the CUDA-graph capture check,
 # the GPU benchmark and a kernel-level profile of the forward (ncu). The fused paths (opt-in
-# until checked here: LLMINT8_CUDA_FUSED=decode) get their own test run, smoke run,
+# until checked here: LLMINT8_CUDA_FUSED=all) get their own test run, smoke run,
 # sanitizer runs and profile; the benchmark times them beside the default dispatch and
 # --check says which targets are met. Logs go to $OUT when
 # set, else ./gpu-check-logs; the last lines printed are a one-screen summary. Budget:
 # under 8 minutes on an H100/H200 (seen: about 2 minutes on an H200, 2026-11-30, before the
-# fused phases were added; with them about 4-5 minutes expected, not yet measured). To reuse
-# an extension built elsewhere for sm_90a (carried in the working tree), run with
-# LLMINT8_CUDA_ARCHS=90a: the build phase then finds its objects up to date.
+# fused phases were added; with them about 4-5 minutes expected, not yet measured). The build
+# phase recompiles every .cu file unless the build folder made by the same nvcc with the same
+# LLMINT8_CUDA_ARCHS is present (setup.py keeps objects whose flags and sources are unchanged).
 #
 #   bash benchmarks/gpu_check.sh            # everything
 #   GPU_CHECK_SKIP="bench profile" bash benchmarks/gpu_check.sh
@@ -72,8 +72,9 @@ $PY -c "import llmint8, json; print(json.dumps(llmint8.build_info())); print('cu
 # the CUDA tests, and every suite parametrized over backends (its cuda half runs here)
 phase tests 240 $PY -m pytest -q -p no:cacheprovider -o addopts="" -rfE \
     tests/test_cuda.py tests/test_linear.py tests/test_errors.py tests/test_stress.py
-# the same tests with the fused decoding forward in every m <= 16 call (the fused tests force it anyway)
-phase fused 180 env LLMINT8_CUDA_FUSED=decode $PY -m pytest -q -p no:cacheprovider -o addopts="" -rfE \
+# the same tests with the fused paths in every call (the one-launch forward for m <= 16, the
+# two-launch quantizer above; the fused tests force them anyway)
+phase fused 180 env LLMINT8_CUDA_FUSED=all $PY -m pytest -q -p no:cacheprovider -o addopts="" -rfE \
     tests/test_cuda.py tests/test_linear.py
 phase smoke 60 $PY benchmarks/gpu_smoke.py
 phase smokefused 60 $PY benchmarks/gpu_smoke.py --fused --graph

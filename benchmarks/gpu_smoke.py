@@ -6,7 +6,7 @@ compares: the CUDA backend replays the CPU arithmetic, so outputs must be identi
 outliers, fp16/fp32 in and out, the fp16 baseline, a weight beyond fp16's range (the
 float16 forward must raise as the CPU does), and, when --graph is given, capture of a
 forward into a CUDA graph and its replay. --fused forces the fused paths (the one-launch
-decoding forward for m <= 16) and adds the m it covers.
+decoding forward for m <= 16, the two-launch prefill quantizer above) and adds m = 16.
 
 Run: python benchmarks/gpu_smoke.py [--graph] [--fused]    exit status 0 when every case matched.
 """
@@ -34,13 +34,13 @@ def main(argv=None):
     ap.add_argument("--no-fp16-baseline", action="store_true",
                     help="leave out the fp16 cuBLASLt baseline (for initcheck: on an H200 it reported that "
                          "kernel's output as never written although its values checked out in the same run)")
-    ap.add_argument("--fused", action="store_true", help="force the fused paths (_cuda._set_fused('decode'))")
+    ap.add_argument("--fused", action="store_true", help="force the fused paths (_cuda._set_fused('all'))")
     args = ap.parse_args(argv)
     if not llmint8.cuda_available():
         print(f"gpu_smoke: no usable GPU ({lcuda.unavailable_reason()})")
         return 2
     if args.fused:
-        _cuda._set_fused("decode")
+        _cuda._set_fused("all")
     rng = np.random.default_rng(0)
     bad = 0
     n, k = 200, 320

@@ -16,6 +16,10 @@ What is replayed is the kernel's own arithmetic and bookkeeping, in its order:
 NumPy's float32 ufuncs round every operation (no fused multiply-add), as __fmul_rn /
 __fadd_rn do on the GPU and the C epilogue does on the CPU.
 
+Also replayed: the fused prefill quantizer's flag pass (its grid's coverage of x, the flags)
+and the last block's compaction into the outlier list; its second launch quantizes each row
+with quantize_row's exact mode, the rule of quantize.c.
+
 Run:  python benchmarks/replay_fused.py [--cases 300] [--seed 0]
 tests/test_fused_replay.py runs a few dozen cases of it with the test suite.
 """
@@ -193,6 +197,88 @@ def replay(x, wq, wscale, wout, known, bias, threshold, out_dtype, sms=132, per_
     return y.astype(out_dtype)
 
 
+def replay_prefill_flags(x, threshold, known, vec, pf_threads=256, pf_rows=64):
+    """The fused prefill quantizer's flag pass (quantize_cuda.cu, prefill_flags_kernel) and
+    its last block's compaction (compact_block with pf_threads threads): the outlier list
+    (column, source) in the kernel's order. Known columns keep their position, dynamic ones
+    get slots -(d + 1) in ascending order."""
+    m, k = x.shape
+    a = np.abs(x.astype(F32))
+    kflag = np.zeros(k, bool)
+    kflag[list(known)] = True
+    dflag = np.zeros(k, bool)
+    nv = k // vec
+    gx = max(1, (nv + pf_threads - 1) // pf_threads) if threshold > 0 else 1
+    gy = max(1, (m + pf_rows - 1) // pf_rows) if threshold > 0 else 1
+    seen = np.zeros((m, k), np.int64)
+    for by in range(gy):
+        for bx in range(gx):
+            for tid in range(pf_threads):
+                c = bx * pf_threads + tid
+                if not (threshold > 0 and c < nv):
+                    continue
+                r0, r1 = by * pf_rows, min(m, by * pf_rows + pf_rows)
+                cols = slice(c * vec, c * vec + vec)
+                seen[r0:r1, cols] += 1
+                fl = (a[r0:r1, cols] >= F32(threshold)).any(axis=0)
+                for t in range(vec):
+                    j = c * vec + t
+                    if fl[t] and not kflag[j]:
+                        dflag[j] = True
+    if threshold > 0:
+        assert (seen == 1).all(), "the flag pass reads every element of x exactly once"
+    # compact_block: thread runs of `per` columns, exclusive scans of (total, dynamic)
+    per = (k + pf_threads - 1) // pf_threads
+    counts = []
+    for tid in range(pf_threads):
+        j0, j1 = tid * per, min(k, tid * per + per)
+        js = range(j0, j1) if j0 < k else range(0)
+        counts.append((sum(kflag[j] or dflag[j] for j in js), sum((not kflag[j]) and dflag[j] for j in js)))
+    ot = np.concatenate([[0], np.cumsum([c[0] for c in counts])])
+    od = np.concatenate([[0], np.cumsum([c[1] for c in counts])])
+    ocol = [None] * int(ot[-1])
+    osrc = [None] * int(ot[-1])
+    kpos = {c: p for p, c in enumerate(known)}
+    for tid in range(pf_threads):
+        t, d = int(ot[tid]), int(od[tid])
+        j0, j1 = tid * per, min(k, tid * per + per)
+        for j in range(j0, j1) if j0 < k else ():
+            if kflag[j]:
+                ocol[t], osrc[t] = j, kpos[j]
+                t += 1
+            elif dflag[j]:
+                ocol[t], osrc[t] = j, -(d + 1)
+                t += 1
+                d += 1
+    return ocol, osrc
+
+
+def check_prefill_case(rng):
+    """The prefill flag pass + compaction replayed against the CPU's outlier selection."""
+    from llmint8 import _C
+    m = int(rng.integers(17, 300))
+    k = int(rng.choice([5, 13, 64, 100, 257, 1000]))
+    x_dt = rng.choice([np.float16, np.float32])
+    vec = (8 if x_dt == np.float16 else 4) if (k % (8 if x_dt == np.float16 else 4) == 0 and rng.random() < 0.7) else 1
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    ncols = int(rng.integers(0, k + 1)) if rng.random() < 0.3 else int(rng.integers(0, 4))
+    x[:, rng.choice(k, size=ncols, replace=False)] *= 20.0
+    if rng.random() < 0.5:  # an outlier in one row only, in the last row chunk
+        x[-1, int(rng.integers(k))] = 30.0
+    x = x.astype(x_dt)
+    known = sorted(rng.choice(k, size=int(rng.integers(0, min(k, 3) + 1)), replace=False).tolist())
+    threshold = float(rng.choice([0.0, 6.0]))
+    ocol, osrc = replay_prefill_flags(x, threshold, known, vec)
+    cpu_flags = np.zeros(k, bool)
+    cpu_flags[known] = True
+    if threshold > 0:
+        cpu_flags[np.asarray(_C.find_outlier_columns(x, threshold), np.int64)] = True
+    assert ocol == list(np.nonzero(cpu_flags)[0]), "the list is the CPU's outlier columns, ascending"
+    dyn = [c for c in ocol if c not in known]
+    assert [s for c, s in zip(ocol, osrc) if c in known] == [known.index(c) for c in ocol if c in known]
+    assert [-(s + 1) for c, s in zip(ocol, osrc) if c not in known] == list(range(len(dyn)))
+
+
 def random_case(rng):
     m = int(rng.integers(1, MAX_M + 1))
     k = int(rng.choice([5, 13, 16, 33, 64, 100, 257]))
@@ -237,6 +323,10 @@ def main(argv=None):
     for c in range(args.cases):
         check_case(rng, fd_list=int(rng.choice([1, 3, 1024])))
     print(f"replay_fused: {args.cases} random cases, the decoding kernel's replay equals the CPU backend bit for bit")
+    for c in range(args.cases):
+        check_prefill_case(rng)
+    print(f"replay_fused: {args.cases} random cases, the prefill flag pass and its list equal the CPU's outlier "
+          f"columns")
 
 
 if __name__ == "__main__":

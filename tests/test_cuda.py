@@ -989,8 +989,10 @@ def test_set_fused_takes_the_modes_it_names():
     old = _cuda._set_fused("none")
     try:
         assert _cuda._set_fused("decode") == "none"
-        assert _cuda._set_fused("none") == "decode"
-        with pytest.raises(ValueError, match="mode must be 'decode', 'all' or 'none'"):
+        assert _cuda._set_fused("prefill") == "decode"
+        assert _cuda._set_fused("all") == "prefill"
+        assert _cuda._set_fused("none") == "all"
+        with pytest.raises(ValueError, match="mode must be 'decode', 'prefill', 'all' or 'none'"):
             _cuda._set_fused("fast")
     finally:
         _cuda._set_fused(old)
@@ -1106,6 +1108,106 @@ def test_fused_decode_captured_in_a_cuda_graph(fused_decode, m):
         out = {}
         graph = _cuda._graph_capture(lambda: out.__setitem__("y", dev.forward(xd, out_dtype=np.float16)))
         for seed in (2, 3):
+            x2 = activations(m, k, n_outlier_cols=5, seed=seed, dtype=np.float16)
+            _cuda._copy_into(xd, x2)
+            graph.replay()
+            lcuda.synchronize()
+            np.testing.assert_array_equal(out["y"].numpy(), cpu.forward(x2, out_dtype=np.float16))
+        del graph, out, xd
+        lcuda.synchronize()
+    finally:
+        lcuda.set_stream(0)
+        _cuda._stream_destroy(s)
+
+
+
+# ====================================================================== the fused prefill quantizer
+
+@pytest.fixture
+def fused_all():
+    """Both fused paths forced: the decoding forward (m <= 16) and the prefill quantizer."""
+    old = _cuda._set_fused("all")
+    try:
+        yield
+    finally:
+        _cuda._set_fused(old)
+
+
+@gpu
+@pytest.mark.parametrize("m", [17, 33, 64, 130, 300])
+@pytest.mark.parametrize("frac", [0.0, 0.01, 0.5, 1.0])
+@pytest.mark.parametrize("xdt", [np.float16, np.float32])
+def test_fused_prefill_matches_cpu(fused_all, m, frac, xdt):
+    k, n = 100, 77  # k % 8 != 0: scalar loads; n odd
+    cpu, dev = make_layers(n, k, 6.0, known=(3, 17, 40), seed=m)
+    x = activations(m, k, n_outlier_cols=int(round(frac * k)), seed=m + 1, dtype=xdt)
+    for ydt in (np.float16, np.float32):
+        y_cpu = cpu.forward(x, out_dtype=ydt)
+        assert_same(dev.forward(lcuda.to_device(x), out_dtype=ydt), y_cpu)
+        assert_same(dev.forward(x, out_dtype=ydt), y_cpu)
+
+
+@gpu
+@pytest.mark.parametrize("k", [5, 13, 64, 257, 4096])
+@pytest.mark.parametrize("threshold,known,bias", [(0.0, (1, 4), True), (6.0, (), True), (6.0, (0, 2), False)])
+def test_fused_prefill_shapes_match_cpu(fused_all, k, threshold, known, bias):
+    m, n = 70, 33  # 70 rows: two row chunks of the flag pass
+    cpu, dev = make_layers(n, k, threshold, known=known, bias=bias, seed=k)
+    x = activations(m, k, n_outlier_cols=min(3, k), seed=k + 1, dtype=np.float16)
+    assert_same(dev.forward(lcuda.to_device(x), out_dtype=np.float32), cpu.forward(x, out_dtype=np.float32))
+
+
+@gpu
+def test_fused_prefill_scale_from_another_rows_outlier_column(fused_all):
+    # row 1's largest value sits in a column only row 0 makes an outlier: the exact scale
+    # must leave it out (the three-pass path re-quantizes such rows; this one never guesses)
+    k, n, m = 64, 16, 40
+    cpu, dev = make_layers(n, k, 6.0)
+    x = activations(m, k)
+    x[0, 9] = 50.0
+    x[1:, 9] = 5.5
+    x[1, 10] = 3.0
+    assert_same(dev.forward(lcuda.to_device(x)), cpu.forward(x))
+
+
+@gpu
+def test_fused_prefill_many_dynamic_columns_and_long_inputs(fused_all):
+    # more dynamic columns than the compact copies hold (the epilogue then reads x and the
+    # int8 weight directly), and an input long enough for several flag-pass row chunks
+    k, n = 600, 40
+    cpu, dev = make_layers(n, k, 6.0, known=(5,))
+    for m in (40, 1000):
+        x = activations(m, k, n_outlier_cols=300, seed=m, dtype=np.float16)
+        assert_same(dev.forward(lcuda.to_device(x), out_dtype=np.float16), cpu.forward(x, out_dtype=np.float16))
+
+
+@gpu
+def test_fused_prefill_overflowing_weight_raises_like_cpu(fused_all):
+    _, cpu = _overflowing_layer("cpu")
+    _, dev = _overflowing_layer("cuda")
+    x = np.random.default_rng(7).standard_normal((40, 40)).astype(np.float16)
+    x[:, 4] = 20.0
+    with pytest.raises(ValueError) as e_cpu:
+        cpu.forward(x)
+    with pytest.raises(ValueError) as e_dev:
+        dev.forward(lcuda.to_device(x))
+    assert str(e_dev.value) == str(e_cpu.value)
+
+
+@gpu
+@pytest.mark.parametrize("m", [4, 300])
+def test_fused_paths_captured_in_a_cuda_graph(fused_all, m):
+    k, n = 256, 192
+    cpu, dev = make_layers(n, k, 6.0, known=(7, 100))
+    s = _cuda._stream_create()
+    try:
+        lcuda.set_stream(s)
+        xd = lcuda.to_device(activations(m, k, n_outlier_cols=3, seed=1, dtype=np.float16))
+        dev.forward(xd, out_dtype=np.float16)
+        lcuda.synchronize()
+        out = {}
+        graph = _cuda._graph_capture(lambda: out.__setitem__("y", dev.forward(xd, out_dtype=np.float16)))
+        for seed in (2, 3):  # the block counter and flags are zeroed inside the graph every replay
             x2 = activations(m, k, n_outlier_cols=5, seed=seed, dtype=np.float16)
             _cuda._copy_into(xd, x2)
             graph.replay()

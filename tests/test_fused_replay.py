@@ -1,6 +1,6 @@
-"""The CUDA decoding kernel's arithmetic, replayed in NumPy (benchmarks/replay_fused.py),
-against the CPU backend: no GPU needed. The kernel itself is compared with the CPU
-backend on a GPU by tests/test_cuda.py (the fused tests)."""
+"""The CUDA fused kernels (the decoding forward, the prefill flag pass), replayed in NumPy
+(benchmarks/replay_fused.py) against the CPU backend: no GPU needed. The kernels themselves
+are compared with the CPU backend on a GPU by tests/test_cuda.py (the fused tests)."""
 import importlib.util
 import os
 
@@ -42,3 +42,10 @@ def test_replay_sees_a_different_summation_order():
     other = (acc * ((scales[:, None] * np.float32(1 / 16129.0)) * layer.weight_scale[None, :]).astype(np.float32)
              + exact.astype(np.float32)).astype(np.float32)
     assert not np.array_equal(other, want)
+
+
+def test_prefill_flag_pass_and_list_replay_matches_cpu():
+    # the fused prefill quantizer's flag pass covers x once and its list is the CPU's
+    rng = np.random.default_rng(11)
+    for _ in range(15):
+        replay_fused.check_prefill_case(rng)

@@ -117,19 +117,21 @@ int l8_cuda_fp16_linear(l8_cuda_ctx *ctx, int device, const void *x, const void 
 /* Largest m served by the GEMV kernel instead of cuBLASLt. */
 #define L8_CUDA_GEMV_MAX_M 8
 
-/* The fused forward paths (fused_cuda.h), a bit set: L8_FUSED_DECODE, the one-launch
- * forward for m <= L8_CUDA_FUSED_MAX_M. Opt-in until checked on a GPU
+/* The fused forward paths, a bit set: L8_FUSED_DECODE, the one-launch forward for
+ * m <= L8_CUDA_FUSED_MAX_M (fused_cuda.h); L8_FUSED_PREFILL, the two-launch quantizer of
+ * longer inputs (quantize_cuda.h) before the cuBLASLt GEMM. Opt-in until checked on a GPU
  * (benchmarks/gpu_check.sh runs the tests with them forced): a context starts with
  * L8_CUDA_FUSED_DEFAULT, or with what the environment variable LLMINT8_CUDA_FUSED says
- * ("decode", "all", "none"); to make the decoding kernel the default, set
- * L8_CUDA_FUSED_DEFAULT to L8_FUSED_DECODE. */
+ * ("decode", "prefill", "all", "none"); to make them the default once checked, set
+ * L8_CUDA_FUSED_DEFAULT to L8_FUSED_ALL (the one-line switch). */
 #define L8_FUSED_DECODE 1
-#define L8_FUSED_ALL L8_FUSED_DECODE
+#define L8_FUSED_PREFILL 2
+#define L8_FUSED_ALL (L8_FUSED_DECODE | L8_FUSED_PREFILL)
 #define L8_CUDA_FUSED_DEFAULT 0
 #define L8_CUDA_FUSED_MAX_M 16
 int l8_cuda_ctx_fused(const l8_cuda_ctx *ctx);
 void l8_cuda_ctx_set_fused(l8_cuda_ctx *ctx, int fused);
-/* "decode" / "all" / "none" (or "0") -> the bit set; -1 for anything else. */
+/* "decode" / "prefill" / "all" / "none" (or "0") -> the bit set; -1 for anything else. */
 int l8_cuda_fused_parse(const char *s);
 
 #ifdef __cplusplus

@@ -153,6 +153,7 @@ extern "C" l8_cuda_ctx *l8_cuda_ctx_new(void) {
 extern "C" int l8_cuda_fused_parse(const char *s) {
     if (!strcmp(s, "none") || !strcmp(s, "0")) return 0;
     if (!strcmp(s, "decode")) return L8_FUSED_DECODE;
+    if (!strcmp(s, "prefill")) return L8_FUSED_PREFILL;
     if (!strcmp(s, "all") || !strcmp(s, "1")) return L8_FUSED_ALL;
     return -1;
 }

@@ -441,6 +441,16 @@ extern "C" int l8_cuda_linear_forward(const l8_layer *L, const void *x, l8_dtype
                                                        sx, s));
             L8_CUDA_CHECK(st, l8_gemv_s8_cuda(xq, c->wq, m, np, kp, n, sx, c->wscale, c->bias, &ops, y, yt, nullptr, 0, s));
         } else {
+            if (any && (l8_cuda_ctx_fused(c->ctx) & L8_FUSED_PREFILL)) {
+                /* the fused prefill quantizer: flags (+ the list, by the last block), then
+                 * exact scales; one memset zeroes counts (counts[3] is its block counter) and dflag */
+                L8_CUDA_CHECK(st, cudaMemsetAsync(ol.counts, 0, (size_t)(4 + (dyn ? k : 0)) * 4, s));
+                L8_CUDA_CHECK(st, l8_prefill_flags_cuda(x, xt, m, k, L->threshold, c->kflag, c->known_pos, &ol,
+                                                        (unsigned *)ol.counts + 3, s));
+                L8_CUDA_CHECK(st, l8_prefill_quantize_cuda(x, xt, m, k, kp, gemm_rows(m), L->threshold, c->kflag, &ol,
+                                                           xq, sx, (float *)(buf + o_xo), ldo, c->wq, kp, c->wscale, n,
+                                                           dcap, (float *)(buf + o_wd), s));
+            } else {
             /* dflag must be 0 before pass 1 marks it; counts are written by the compaction */
             if (dyn) L8_CUDA_CHECK(st, cudaMemsetAsync(ol.dflag, 0, (size_t)k * 4, s));
             L8_CUDA_CHECK(st, l8_quantize_x_cuda(x, xt, m, k, kp, gemm_rows(m), L->threshold, c->kflag, ol.dflag, xq,
@@ -450,6 +460,7 @@ extern "C" int l8_cuda_linear_forward(const l8_layer *L, const void *x, l8_dtype
                 L8_CUDA_CHECK(st, l8_outliers_fix_cuda(x, xt, m, k, kp, L->threshold, c->kflag, &ol, xq, sx, rcol,
                                                        (float *)(buf + o_xo), ldo, c->wq, kp, c->wscale, n, dcap,
                                                        (float *)(buf + o_wd), s));
+            }
             }
             int32_t *C = (int32_t *)(buf + o_c);
             const size_t ys = l8_dtype_size(yt);

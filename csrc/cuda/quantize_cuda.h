@@ -63,6 +63,22 @@ cudaError_t l8_outliers_fix_cuda(const void *x, l8_dtype xt, int64_t m, int64_t 
                                  const int *rcol, float *xo, int64_t ldo, const int8_t *wq, int64_t ldw,
                                  const float *wscale, int64_t n, int dcap, float *wd, cudaStream_t s);
 
+/* The fused prefill quantizer (opt-in, L8_FUSED_PREFILL), in place of pass 1 +
+ * compaction + pass 2, after one memset that zeroes counts[0..3] and dflag:
+ *   l8_prefill_flags_cuda: dflag for every column (any |x[i, j]| >= threshold, known
+ *     columns left out), then, in the last block to finish (counter *done, zeroed by that
+ *     memset: counts + 3), the outlier list and counts as l8_outliers_compact_cuda makes them;
+ *   l8_prefill_quantize_cuda: xq and sx with the exact scales (no provisional ones), the
+ *     padding rows of xq below mpad zeroed, xo and wd as l8_outliers_fix_cuda fills them.
+ * Two launches; x is read twice (the second time mostly from L2). */
+cudaError_t l8_prefill_flags_cuda(const void *x, l8_dtype xt, int64_t m, int64_t k, float threshold,
+                                  const uint8_t *kflag, const int32_t *known_pos, const l8_outlier_list *ol,
+                                  unsigned *done, cudaStream_t s);
+cudaError_t l8_prefill_quantize_cuda(const void *x, l8_dtype xt, int64_t m, int64_t k, int64_t kp, int64_t mpad,
+                                     float threshold, const uint8_t *kflag, const l8_outlier_list *ol, int8_t *xq,
+                                     float *sx, float *xo, int64_t ldo, const int8_t *wq, int64_t ldw,
+                                     const float *wscale, int64_t n, int dcap, float *wd, cudaStream_t s);
+
 /* Rows up to which l8_quantize_small_m_cuda serves (the GEMV path's m). */
 #define L8_CUDA_SMALL_M L8_CUDA_GEMV_MAX_M
 
