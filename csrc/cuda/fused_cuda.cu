@@ -48,7 +48,6 @@ namespace {
 
 constexpr int FD_THREADS = 256, FD_WARPS = FD_THREADS / 32;
 constexpr int FD_LIST = 1024;              /* outlier columns listed in shared memory */
-constexpr size_t FD_SMEM_MAX = 200u << 10; /* the largest dynamic shared memory asked for */
 constexpr unsigned FULL = 0xffffffffu;
 
 template <typename T> __device__ __forceinline__ float to_f(T v);
@@ -380,11 +379,13 @@ cudaError_t l8_fused_decode_cuda(const void *x, l8_dtype xt, int64_t m, int64_t 
                                  const uint8_t *ovf, int *ovf_out, int sms, cudaStream_t s) {
     if (m == 0 || n == 0) return cudaSuccess;
     const size_t smem = l8_fused_decode_smem(m, k, kp);
-    if (m > L8_CUDA_FUSED_MAX_M || smem > FD_SMEM_MAX || kp % 16 != 0 || np % 16 != 0) return cudaErrorInvalidValue;
+    if (m > L8_CUDA_FUSED_MAX_M || smem > L8_FUSED_DECODE_SMEM_MAX || kp % 16 != 0 || np % 16 != 0)
+        return cudaErrorInvalidValue;
     const fd_args a = {(int)m, k, kp, np, n, threshold, kflag, known_pos, wq, wscale, bias, wk, y, yt == L8_F16,
                        ovf, ovf_out};
     const uintptr_t xa = reinterpret_cast<uintptr_t>(x);
     if (xt == L8_F16)
-        return xa % 16 == 0 && k % 8 == 0 ? launch_m<__half, 8>(x, a, smem, sms, s) : launch_m<__half, 1>(x, a, smem, sms, s);
+        return xa % 16 == 0 && k % 8 == 0 ? launch_m<__half, 8>(x, a, smem, sms, s)
+                                          : launch_m<__half, 1>(x, a, smem, sms, s);
     return xa % 16 == 0 && k % 4 == 0 ? launch_m<float, 4>(x, a, smem, sms, s) : launch_m<float, 1>(x, a, smem, sms, s);
 }

@@ -16,6 +16,10 @@
 
 #include "cuda_common.h"
 
+/* The most dynamic shared memory the decoding kernel asks for; callers take the two-launch
+ * path when l8_fused_decode_smem is above this or above the device's opt-in limit. */
+#define L8_FUSED_DECODE_SMEM_MAX ((size_t)200 << 10)
+
 /* Shared memory of one block of the decoding kernel for m rows of k (kp padded) columns. */
 size_t l8_fused_decode_smem(int64_t m, int64_t k, int64_t kp);
 

@@ -334,7 +334,8 @@ bool fused_decode_fits(const l8_layer *L, const cuda_impl *c, int64_t m, int *sm
         (void)cudaGetLastError();
         return false;
     }
-    return l8_fused_decode_smem(m, L->in_features, c->kp) <= (size_t)optin;
+    const size_t smem = l8_fused_decode_smem(m, L->in_features, c->kp);
+    return smem <= (size_t)optin && smem <= L8_FUSED_DECODE_SMEM_MAX;
 }
 
 /* The forward through the decoding kernel (one launch; with check_ovf, a 4-byte verdict
