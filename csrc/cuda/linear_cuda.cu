@@ -442,7 +442,7 @@ extern "C" int l8_cuda_linear_forward(const l8_layer *L, const void *x, l8_dtype
                                                        sx, s));
             L8_CUDA_CHECK(st, l8_gemv_s8_cuda(xq, c->wq, m, np, kp, n, sx, c->wscale, c->bias, &ops, y, yt, nullptr, 0, s));
         } else {
-            if (any && (l8_cuda_ctx_fused(c->ctx) & L8_FUSED_PREFILL)) {
+            if (any && (l8_cuda_ctx_fused(c->ctx) & L8_FUSED_PREFILL) && m <= L8_PREFILL_MAX_M) {
                 /* the fused prefill quantizer: flags (+ the list, by the last block), then
                  * exact scales; one memset zeroes counts (counts[3] is its block counter) and dflag */
                 L8_CUDA_CHECK(st, cudaMemsetAsync(ol.counts, 0, (size_t)(4 + (dyn ? k : 0)) * 4, s));

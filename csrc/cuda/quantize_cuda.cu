@@ -371,6 +371,7 @@ small_m_kernel(const T *__restrict__ x, int m, int64_t k, int64_t kp, float thr,
  * compaction of the three-pass scheme. */
 
 constexpr int PF_THREADS = 256, PF_ROWS = 64; /* flag pass: column vectors x row chunk per block */
+static_assert(L8_PREFILL_MAX_M == (int64_t)65535 * PF_ROWS, "callers keep m within the flag pass's grid");
 
 /* Blocks (column vectors [bx * PF_THREADS, +PF_THREADS), rows [by * PF_ROWS, +PF_ROWS)):
  * dflag[j] = 1 for the non-known columns with some |x| >= thr in the chunk (plain stores of

@@ -71,6 +71,7 @@ cudaError_t l8_outliers_fix_cuda(const void *x, l8_dtype xt, int64_t m, int64_t 
  *   l8_prefill_quantize_cuda: xq and sx with the exact scales (no provisional ones), the
  *     padding rows of xq below mpad zeroed, xo and wd as l8_outliers_fix_cuda fills them.
  * Two launches; x is read twice (the second time mostly from L2). */
+#define L8_PREFILL_MAX_M ((int64_t)65535 * 64) /* the flag pass's grid: 64-row chunks in gridDim.y */
 cudaError_t l8_prefill_flags_cuda(const void *x, l8_dtype xt, int64_t m, int64_t k, float threshold,
                                   const uint8_t *kflag, const int32_t *known_pos, const l8_outlier_list *ol,
                                   unsigned *done, cudaStream_t s);
