@@ -2,10 +2,16 @@
 # One command for a machine with a GPU: build llmint8 for that GPU, run the CUDA tests and
 # the backend-parametrized suites on cuda, compute-sanitizer (memcheck, racecheck,
 # initcheck) on a short program that walks every CUDA path, the CUDA-graph capture check,
-# the GPU benchmark and a kernel-level profile of the forward (ncu). Logs go to $OUT when
+# the GPU benchmark and a kernel-level profile of the forward (ncu). The fused paths (opt-in
+# until checked here: LLMINT8_CUDA_FUSED=all) get their own test run, smoke run,
+# sanitizer runs and profile; the benchmark times them beside the default dispatch and
+# --check says which targets are met. Logs go to $OUT when
 # set, else ./gpu-check-logs; the last lines printed are a one-screen summary. Budget:
 # under 8 minutes on an H100/H200 (seen: about 2 minutes on an H200, 2026-11-30, before the
-# model phases were added; those two stop after 3 + 2.5 minutes at most, expected 2-3 together).
+# fused and model phases were added; with them about 5-7 minutes expected, not yet measured: if the
+# budget is short, GPU_CHECK_SKIP="profile modelbench" saves about 3). The build
+# phase recompiles every .cu file unless the build folder made by the same nvcc with the same
+# LLMINT8_CUDA_ARCHS is present (setup.py keeps objects whose flags and sources are unchanged).
 #
 #   bash benchmarks/gpu_check.sh            # everything
 #   GPU_CHECK_SKIP="bench profile" bash benchmarks/gpu_check.sh
@@ -13,7 +19,8 @@
 # Exit status 0 when every phase passed.
 # Environment: PYTHON (default python3), LLMINT8_CUDA_ARCHS (default: the GPU's own,
 # read from nvidia-smi, else 90), GPU_CHECK_SKIP (phases to leave out, by name: build
-# tests smoke graph memcheck racecheck initcheck bench profile models modelbench),
+# tests fused smoke smokefused graph memcheck racecheck initcheck fmemcheck fracecheck finitcheck
+# bench profile models modelbench),
 # GPU_CHECK_STORIES (stories260K.bin or its folder for the model check; default
 # ./gpu-data/stories260K, else the shared data folder). The model phases need CuPy.
 set -uo pipefail
@@ -68,7 +75,12 @@ $PY -c "import llmint8, json; print(json.dumps(llmint8.build_info())); print('cu
 # the CUDA tests, and every suite parametrized over backends (its cuda half runs here)
 phase tests 240 $PY -m pytest -q -p no:cacheprovider -o addopts="" -rfE \
     tests/test_cuda.py tests/test_linear.py tests/test_errors.py tests/test_stress.py tests/test_models_device.py
+# the same tests with the fused paths in every call (the one-launch forward for m <= 16, the
+# two-launch quantizer above; the fused tests force them anyway)
+phase fused 180 env LLMINT8_CUDA_FUSED=all $PY -m pytest -q -p no:cacheprovider -o addopts="" -rfE \
+    tests/test_cuda.py tests/test_linear.py
 phase smoke 60 $PY benchmarks/gpu_smoke.py
+phase smokefused 60 $PY benchmarks/gpu_smoke.py --fused --graph
 phase graph 60 $PY -m pytest -q -p no:cacheprovider -o addopts="" tests/test_cuda.py -k "graph or two_streams"
 if [[ -n $SAN ]]; then
     # every CUDA path of the smoke program, the graph capture included; no leak check: a
@@ -80,11 +92,14 @@ if [[ -n $SAN ]]; then
         [[ $tool == initcheck ]] && extra=(--no-fp16-baseline)
         phase "$tool" 150 "$SAN" --tool "$tool" --error-exitcode 99 --print-limit 20 $PY benchmarks/gpu_smoke.py \
             --graph "${extra[@]}"
+        # the fused paths forced (f + tool: fmemcheck, fracecheck, finitcheck)
+        phase "f$tool" 120 "$SAN" --tool "$tool" --error-exitcode 99 --print-limit 20 $PY benchmarks/gpu_smoke.py \
+            --graph --fused "${extra[@]}"
     done
 else
     echo "sanitize   compute-sanitizer not found" >>"$SUMMARY"
 fi
-phase bench 180 $PY benchmarks/bench_linear.py --iters 50
+phase bench 240 $PY benchmarks/bench_linear.py --iters 50 --check
 # whole models on the GPU (CuPy): equivalence with the CPU path, then prefill/decode speed
 STORIES=${GPU_CHECK_STORIES:-}
 [[ -z $STORIES && -d gpu-data/stories260K ]] && STORIES=gpu-data/stories260K
@@ -102,6 +117,7 @@ grep -B 2 -A 40 -- "-----" "$LOG/bench.log" 2>/dev/null | head -n 40
 echo "--- models (benchmarks/gpu_models_check.py, benchmarks/bench_models.py --device cuda)"
 grep -E "^(PASS|FAIL)|gpu_models_check:" "$LOG/models.log" 2>/dev/null | head -n 40
 grep -A 20 -- "-----" "$LOG/modelbench.log" 2>/dev/null | head -n 20
+grep -A 20 -- "--- targets" "$LOG/bench.log" 2>/dev/null
 if [[ -n ${OUT:-} ]]; then
     tar -czf "$OUT/logs.tgz" -C "$LOG" .
     cp "$SUMMARY" "$LOG/bench.log" "$LOG/tests.log" "$LOG/profile.log" "$LOG/models.log" "$LOG/modelbench.log" \

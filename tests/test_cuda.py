@@ -920,3 +920,302 @@ def test_float32_outliers_beyond_fp16_range_match_cpu(m):
     y = dev.forward(lcuda.to_device(x)).numpy()
     assert np.isfinite(y).all()
     assert_same(y, cpu.forward(x))
+
+
+def _overflowing_layer(device):
+    """A float32 weight whose row 2 dequantizes beyond fp16's range in column 4 (only)."""
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((24, 40)).astype(np.float32)
+    w[2] *= 1e4
+    w[2, 4] = 1.5e5
+    return w, llmint8.Int8Linear.from_float(w, threshold=6.0, device=device)
+
+
+@gpu
+@pytest.mark.parametrize("m", [3, 40])  # the single-launch small-m path and the multi-launch path
+def test_float16_x_with_a_weight_beyond_fp16_raises_like_cpu(m):
+    # float16 x rounds a dynamic column's dequantized weight to fp16; weight[2, 4] does not
+    # fit, and both backends must say so rather than return inf (host and device x alike)
+    w, cpu = _overflowing_layer("cpu")
+    _, dev = _overflowing_layer("cuda")
+    rng = np.random.default_rng(m)
+    x = rng.standard_normal((m, 40)).astype(np.float32)
+    x[:, 4] = 20.0
+    x[1, 30] = -9.0  # another dynamic column, one that fits: column 4 is still the one named
+    x16 = x.astype(np.float16)
+    with pytest.raises(ValueError) as e_cpu:
+        cpu.forward(x16, out_dtype=np.float32)
+    with pytest.raises(ValueError) as e_host:
+        dev.forward(x16, out_dtype=np.float32)
+    with pytest.raises(ValueError) as e_dev:
+        dev.forward(lcuda.to_device(x16), out_dtype=np.float32)
+    assert "weight[2, 4]" in str(e_cpu.value)
+    assert str(e_host.value) == str(e_cpu.value) == str(e_dev.value)
+    # the layer is still usable: float32 x, and float16 x whose outliers avoid column 4
+    assert_same(dev.forward(lcuda.to_device(x)), cpu.forward(x))
+    x16[:, 4] = 1.0
+    assert_same(dev.forward(lcuda.to_device(x16), out_dtype=np.float32), cpu.forward(x16, out_dtype=np.float32))
+    assert_same(dev.forward(x16, out_dtype=np.float16), cpu.forward(x16, out_dtype=np.float16))
+
+
+@gpu
+def test_float16_forward_of_an_overflowing_layer_cannot_be_captured():
+    _, dev = _overflowing_layer("cuda")
+    x16 = lcuda.to_device(np.ones((4, 40), np.float16))
+    s = _cuda._stream_create()
+    try:
+        lcuda.set_stream(s)
+        with pytest.raises(ValueError, match="cannot be done while a CUDA graph is being captured"):
+            _cuda._graph_capture(lambda: dev.forward(x16, out_dtype=np.float16))
+    finally:
+        lcuda.set_stream(0)
+        _cuda._stream_destroy(s)
+
+
+# ====================================================================== the fused decoding path
+
+@pytest.fixture
+def fused_decode():
+    """The one-launch decoding forward forced on (it is opt-in until checked on a GPU)."""
+    old = _cuda._set_fused("decode")
+    try:
+        yield
+    finally:
+        _cuda._set_fused(old)
+
+
+@gpu
+def test_set_fused_takes_the_modes_it_names():
+    old = _cuda._set_fused("none")
+    try:
+        assert _cuda._set_fused("decode") == "none"
+        assert _cuda._set_fused("prefill") == "decode"
+        assert _cuda._set_fused("all") == "prefill"
+        assert _cuda._set_fused("none") == "all"
+        with pytest.raises(ValueError, match="mode must be 'decode', 'prefill', 'all' or 'none'"):
+            _cuda._set_fused("fast")
+    finally:
+        _cuda._set_fused(old)
+
+
+@gpu
+@pytest.mark.parametrize("m", list(range(1, 17)))
+@pytest.mark.parametrize("frac", [0.0, 0.01, 0.5, 1.0])  # outlier columns found at run time
+@pytest.mark.parametrize("xdt", [np.float16, np.float32])
+def test_fused_decode_matches_cpu(fused_decode, m, frac, xdt):
+    k, n = 100, 77  # k % 8 != 0: scalar loads; n odd
+    cpu, dev = make_layers(n, k, 6.0, known=(3, 17, 40), seed=m)
+    x = activations(m, k, n_outlier_cols=int(round(frac * k)), seed=m + 1, dtype=xdt)
+    for ydt in (np.float16, np.float32):
+        y_cpu = cpu.forward(x, out_dtype=ydt)
+        assert_same(dev.forward(lcuda.to_device(x), out_dtype=ydt), y_cpu)
+        assert_same(dev.forward(x, out_dtype=ydt), y_cpu)
+
+
+@gpu
+@pytest.mark.parametrize("k", [5, 13, 16, 64, 257, 1536])  # 1536 with every column an outlier: past the list
+@pytest.mark.parametrize("m", [1, 3, 8, 9, 16])
+@pytest.mark.parametrize("threshold,known,bias", [(0.0, (), False), (6.0, (), True), (0.0, (1, 4), True),
+                                                   (6.0, (0, 2), False)])
+def test_fused_decode_shapes_match_cpu(fused_decode, k, m, threshold, known, bias):
+    n = 33
+    cpu, dev = make_layers(n, k, threshold, known=known, bias=bias, seed=k)
+    x = activations(m, k, n_outlier_cols=k if k == 1536 else min(2, k), seed=k + m, dtype=np.float16)
+    assert_same(dev.forward(lcuda.to_device(x), out_dtype=np.float32), cpu.forward(x, out_dtype=np.float32))
+
+
+@gpu
+@pytest.mark.parametrize("xdt", [np.float16, np.float32])
+def test_fused_decode_vector_loads_and_element_aligned_input(fused_decode, xdt):
+    # k % 8 == 0 and an aligned x: 16-byte loads; x one element off: scalar loads; same bits
+    m, k = 5, 256
+    cpu, dev = make_layers(40, k, 6.0, known=(2,))
+    x = activations(m, k, n_outlier_cols=2, dtype=xdt)
+    y_cpu = cpu.forward(x, out_dtype=np.float32)
+    assert_same(dev.forward(lcuda.to_device(x), out_dtype=np.float32), y_cpu)
+    flat = lcuda.to_device(np.concatenate([np.zeros(1, xdt), x.ravel()]))
+    xd = CAIOnly(flat, shape=(m, k), data=(flat.ptr + np.dtype(xdt).itemsize, False))
+    assert_same(dev.forward(xd, out_dtype=np.float32), y_cpu)
+
+
+@gpu
+def test_fused_decode_zero_and_subnormal_rows(fused_decode):
+    k, n = 64, 20
+    cpu, dev = make_layers(n, k, 6.0)
+    x = activations(4, k, n_outlier_cols=2)
+    x[1] = 0.0  # scale 0
+    x[2] *= np.float32(1e-39)  # a subnormal scale: 127 / s overflows, the double division
+    assert_same(dev.forward(lcuda.to_device(x)), cpu.forward(x))
+
+
+@gpu
+def test_fused_decode_realistic_shapes(fused_decode):
+    # many weight tiles per block (more tiles than the grid holds), k = 4096 / 11008
+    for n, k, m in ((4096, 4096, 1), (11008, 4096, 16), (4096, 11008, 8)):
+        cpu, dev = make_layers(n, k, 6.0, known=(7,), seed=n + k, dtype=np.float16)
+        x = activations(m, k, n_outlier_cols=4, seed=m, dtype=np.float16)
+        assert_same(dev.forward(lcuda.to_device(x), out_dtype=np.float16), cpu.forward(x, out_dtype=np.float16))
+
+
+@gpu
+@pytest.mark.parametrize("k", [12288, 13312, 14336])  # ~197 KiB: fused; ~214 KiB: over its own cap; 235 KiB
+def test_fused_decode_falls_back_when_int8_x_does_not_fit(fused_decode, k):
+    # 16 rows of int8 x past the kernel's shared memory: the two-launch path, same bits
+    m, n = 16, 48
+    cpu, dev = make_layers(n, k, 6.0, seed=3)
+    x = activations(m, k, n_outlier_cols=5, dtype=np.float16)
+    assert_same(dev.forward(lcuda.to_device(x), out_dtype=np.float32), cpu.forward(x, out_dtype=np.float32))
+
+
+@gpu
+@pytest.mark.parametrize("m", [3, 12])
+def test_fused_decode_overflowing_weight_raises_like_cpu(fused_decode, m):
+    _, cpu = _overflowing_layer("cpu")
+    _, dev = _overflowing_layer("cuda")
+    x = np.random.default_rng(m).standard_normal((m, 40)).astype(np.float16)
+    x[:, 4] = 20.0
+    with pytest.raises(ValueError) as e_cpu:
+        cpu.forward(x)
+    with pytest.raises(ValueError) as e_dev:
+        dev.forward(lcuda.to_device(x))
+    assert str(e_dev.value) == str(e_cpu.value)
+    x[:, 4] = 1.0
+    assert_same(dev.forward(lcuda.to_device(x)), cpu.forward(x))
+
+
+@gpu
+def test_fused_decode_nonfinite_device_input_stays_in_its_rows(fused_decode):
+    k, n = 64, 24
+    cpu, dev = make_layers(n, k, 6.0)
+    x = activations(4, k, n_outlier_cols=2)
+    x[1, 10] = np.nan
+    y = dev.forward(lcuda.to_device(x)).numpy()
+    assert np.isnan(y[1]).all()
+    keep = [0, 2, 3]
+    assert_same(y[keep], cpu.forward(x[keep]))
+
+
+@gpu
+@pytest.mark.parametrize("m", [1, 16])
+def test_fused_decode_captured_in_a_cuda_graph(fused_decode, m):
+    k, n = 256, 192
+    cpu, dev = make_layers(n, k, 6.0, known=(7, 100))
+    s = _cuda._stream_create()
+    try:
+        lcuda.set_stream(s)
+        xd = lcuda.to_device(activations(m, k, n_outlier_cols=3, seed=1, dtype=np.float16))
+        dev.forward(xd, out_dtype=np.float16)
+        lcuda.synchronize()
+        out = {}
+        graph = _cuda._graph_capture(lambda: out.__setitem__("y", dev.forward(xd, out_dtype=np.float16)))
+        for seed in (2, 3):
+            x2 = activations(m, k, n_outlier_cols=5, seed=seed, dtype=np.float16)
+            _cuda._copy_into(xd, x2)
+            graph.replay()
+            lcuda.synchronize()
+            np.testing.assert_array_equal(out["y"].numpy(), cpu.forward(x2, out_dtype=np.float16))
+        del graph, out, xd
+        lcuda.synchronize()
+    finally:
+        lcuda.set_stream(0)
+        _cuda._stream_destroy(s)
+
+
+
+# ====================================================================== the fused prefill quantizer
+
+@pytest.fixture
+def fused_all():
+    """Both fused paths forced: the decoding forward (m <= 16) and the prefill quantizer."""
+    old = _cuda._set_fused("all")
+    try:
+        yield
+    finally:
+        _cuda._set_fused(old)
+
+
+@gpu
+@pytest.mark.parametrize("m", [17, 33, 64, 130, 300])
+@pytest.mark.parametrize("frac", [0.0, 0.01, 0.5, 1.0])
+@pytest.mark.parametrize("xdt", [np.float16, np.float32])
+def test_fused_prefill_matches_cpu(fused_all, m, frac, xdt):
+    k, n = 100, 77  # k % 8 != 0: scalar loads; n odd
+    cpu, dev = make_layers(n, k, 6.0, known=(3, 17, 40), seed=m)
+    x = activations(m, k, n_outlier_cols=int(round(frac * k)), seed=m + 1, dtype=xdt)
+    for ydt in (np.float16, np.float32):
+        y_cpu = cpu.forward(x, out_dtype=ydt)
+        assert_same(dev.forward(lcuda.to_device(x), out_dtype=ydt), y_cpu)
+        assert_same(dev.forward(x, out_dtype=ydt), y_cpu)
+
+
+@gpu
+@pytest.mark.parametrize("k", [5, 13, 64, 257, 4096])
+@pytest.mark.parametrize("threshold,known,bias", [(0.0, (1, 4), True), (6.0, (), True), (6.0, (0, 2), False)])
+def test_fused_prefill_shapes_match_cpu(fused_all, k, threshold, known, bias):
+    m, n = 70, 33  # 70 rows: two row chunks of the flag pass
+    cpu, dev = make_layers(n, k, threshold, known=known, bias=bias, seed=k)
+    x = activations(m, k, n_outlier_cols=min(3, k), seed=k + 1, dtype=np.float16)
+    assert_same(dev.forward(lcuda.to_device(x), out_dtype=np.float32), cpu.forward(x, out_dtype=np.float32))
+
+
+@gpu
+def test_fused_prefill_scale_from_another_rows_outlier_column(fused_all):
+    # row 1's largest value sits in a column only row 0 makes an outlier: the exact scale
+    # must leave it out (the three-pass path re-quantizes such rows; this one never guesses)
+    k, n, m = 64, 16, 40
+    cpu, dev = make_layers(n, k, 6.0)
+    x = activations(m, k)
+    x[0, 9] = 50.0
+    x[1:, 9] = 5.5
+    x[1, 10] = 3.0
+    assert_same(dev.forward(lcuda.to_device(x)), cpu.forward(x))
+
+
+@gpu
+def test_fused_prefill_many_dynamic_columns_and_long_inputs(fused_all):
+    # more dynamic columns than the compact copies hold (the epilogue then reads x and the
+    # int8 weight directly), and an input long enough for several flag-pass row chunks
+    k, n = 600, 40
+    cpu, dev = make_layers(n, k, 6.0, known=(5,))
+    for m in (40, 1000):
+        x = activations(m, k, n_outlier_cols=300, seed=m, dtype=np.float16)
+        assert_same(dev.forward(lcuda.to_device(x), out_dtype=np.float16), cpu.forward(x, out_dtype=np.float16))
+
+
+@gpu
+def test_fused_prefill_overflowing_weight_raises_like_cpu(fused_all):
+    _, cpu = _overflowing_layer("cpu")
+    _, dev = _overflowing_layer("cuda")
+    x = np.random.default_rng(7).standard_normal((40, 40)).astype(np.float16)
+    x[:, 4] = 20.0
+    with pytest.raises(ValueError) as e_cpu:
+        cpu.forward(x)
+    with pytest.raises(ValueError) as e_dev:
+        dev.forward(lcuda.to_device(x))
+    assert str(e_dev.value) == str(e_cpu.value)
+
+
+@gpu
+@pytest.mark.parametrize("m", [4, 300])
+def test_fused_paths_captured_in_a_cuda_graph(fused_all, m):
+    k, n = 256, 192
+    cpu, dev = make_layers(n, k, 6.0, known=(7, 100))
+    s = _cuda._stream_create()
+    try:
+        lcuda.set_stream(s)
+        xd = lcuda.to_device(activations(m, k, n_outlier_cols=3, seed=1, dtype=np.float16))
+        dev.forward(xd, out_dtype=np.float16)
+        lcuda.synchronize()
+        out = {}
+        graph = _cuda._graph_capture(lambda: out.__setitem__("y", dev.forward(xd, out_dtype=np.float16)))
+        for seed in (2, 3):  # the block counter and flags are zeroed inside the graph every replay
+            x2 = activations(m, k, n_outlier_cols=5, seed=seed, dtype=np.float16)
+            _cuda._copy_into(xd, x2)
+            graph.replay()
+            lcuda.synchronize()
+            np.testing.assert_array_equal(out["y"].numpy(), cpu.forward(x2, out_dtype=np.float16))
+        del graph, out, xd
+        lcuda.synchronize()
+    finally:
+        lcuda.set_stream(0)
+        _cuda._stream_destroy(s)

@@ -93,7 +93,13 @@ extern const l8_backend l8_cuda_backend;
  * holding +-Inf gives non-finite outputs in that row (NaN, or +-Inf where the Inf column
  * is an outlier column); the other rows are what the CPU backend gives for the finite
  * rows alone (an Inf at or above the threshold makes its column an outlier column, as a
- * large finite value would). Never a crash or an out-of-bounds access. */
+ * large finite value would). Never a crash or an out-of-bounds access.
+ * float16 x and a weight column whose dequantized value is beyond fp16's range: as on the
+ * CPU, a ValueError when this call finds that column as a dynamic outlier. The layer
+ * knows from its build whether it has such a column (rarely: only float32 weights beyond
+ * 65504 make one); only then does a float16 forward end with one small host
+ * synchronization (reading the device's verdict), and it refuses to run while its stream
+ * is being captured in a CUDA graph. Every other forward stays free of synchronization. */
 int l8_cuda_linear_forward(const l8_layer *L, const void *x, l8_dtype xt, int64_t m, void *y, l8_dtype yt,
                            cudaStream_t s, l8_status *st);
 
@@ -110,6 +116,23 @@ int l8_cuda_fp16_linear(l8_cuda_ctx *ctx, int device, const void *x, const void 
 
 /* Largest m served by the GEMV kernel instead of cuBLASLt. */
 #define L8_CUDA_GEMV_MAX_M 8
+
+/* The fused forward paths, a bit set: L8_FUSED_DECODE, the one-launch forward for
+ * m <= L8_CUDA_FUSED_MAX_M (fused_cuda.h); L8_FUSED_PREFILL, the two-launch quantizer of
+ * longer inputs (quantize_cuda.h) before the cuBLASLt GEMM. Opt-in until checked on a GPU
+ * (benchmarks/gpu_check.sh runs the tests with them forced): a context starts with
+ * L8_CUDA_FUSED_DEFAULT, or with what the environment variable LLMINT8_CUDA_FUSED says
+ * ("decode", "prefill", "all", "none"); to make them the default once checked, set
+ * L8_CUDA_FUSED_DEFAULT to L8_FUSED_ALL (the one-line switch). */
+#define L8_FUSED_DECODE 1
+#define L8_FUSED_PREFILL 2
+#define L8_FUSED_ALL (L8_FUSED_DECODE | L8_FUSED_PREFILL)
+#define L8_CUDA_FUSED_DEFAULT 0
+#define L8_CUDA_FUSED_MAX_M 16
+int l8_cuda_ctx_fused(const l8_cuda_ctx *ctx);
+void l8_cuda_ctx_set_fused(l8_cuda_ctx *ctx, int fused);
+/* "decode" / "prefill" / "all" / "none" (or "0") -> the bit set; -1 for anything else. */
+int l8_cuda_fused_parse(const char *s);
 
 #ifdef __cplusplus
 }

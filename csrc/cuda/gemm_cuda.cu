@@ -32,6 +32,8 @@
 #include <cuda_runtime.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 
 #include <algorithm>
 #include <map>
@@ -125,6 +127,7 @@ struct l8_cuda_ctx {
     std::vector<dev_state> devs;
     std::map<plan_key, lt_plan> plans;
     cudaStream_t stream = nullptr; /* current stream; 0 is the legacy default stream */
+    int fused = L8_CUDA_FUSED_DEFAULT; /* the fused paths in use (cuda_common.h) */
 };
 
 extern "C" int l8_cuda_device_count(const char **why) {
@@ -139,7 +142,24 @@ extern "C" int l8_cuda_device_count(const char **why) {
     return n;
 }
 
-extern "C" l8_cuda_ctx *l8_cuda_ctx_new(void) { return new (std::nothrow) l8_cuda_ctx(); }
+extern "C" l8_cuda_ctx *l8_cuda_ctx_new(void) {
+    l8_cuda_ctx *ctx = new (std::nothrow) l8_cuda_ctx();
+    const char *env = getenv("LLMINT8_CUDA_FUSED");
+    const int f = env && *env ? l8_cuda_fused_parse(env) : -1;
+    if (ctx && f >= 0) ctx->fused = f;
+    return ctx;
+}
+
+extern "C" int l8_cuda_fused_parse(const char *s) {
+    if (!strcmp(s, "none") || !strcmp(s, "0")) return 0;
+    if (!strcmp(s, "decode")) return L8_FUSED_DECODE;
+    if (!strcmp(s, "prefill")) return L8_FUSED_PREFILL;
+    if (!strcmp(s, "all") || !strcmp(s, "1")) return L8_FUSED_ALL;
+    return -1;
+}
+
+extern "C" int l8_cuda_ctx_fused(const l8_cuda_ctx *ctx) { return ctx->fused; }
+extern "C" void l8_cuda_ctx_set_fused(l8_cuda_ctx *ctx, int fused) { ctx->fused = fused; }
 
 extern "C" void l8_cuda_ctx_free(l8_cuda_ctx *ctx) {
     if (!ctx) return;

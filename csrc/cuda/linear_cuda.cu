@@ -32,12 +32,14 @@
  */
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <limits.h>
 #include <stdlib.h>
 
 #include <algorithm>
 #include <new>
 
 #include "gemm_cuda.h"
+#include "fused_cuda.h"
 #include "quantize_cuda.h"
 
 extern "C" {
@@ -80,6 +82,13 @@ struct cuda_impl {
     __half *wk;          /* (n_known, n): the known columns' weights, transposed */
     uint8_t *kflag;      /* (k,) 1 in known columns; NULL without known columns */
     int32_t *known_pos;  /* (k,) position in the known list or -1; NULL likewise */
+    /* Columns whose int8 weight, dequantized (wq * (wscale / 127)) and rounded to fp16, is
+     * not finite in some row: a float16 forward that finds one of them as a dynamic
+     * outlier fails, as the CPU backend does. Found when the layer is built; all NULL
+     * (nothing to check at run time) when there is none, the usual case. */
+    uint8_t *ovf;        /* device (k,) */
+    int32_t *ovf_row;    /* host (k,): the first such row of each column, or -1 */
+    double *ovf_val;     /* host (k,): its dequantized value (for the message) */
 };
 
 void free_impl(cuda_impl *c) {
@@ -89,6 +98,9 @@ void free_impl(cuda_impl *c) {
     cudaFree(c->wk);
     cudaFree(c->kflag);
     cudaFree(c->known_pos);
+    cudaFree(c->ovf);
+    free(c->ovf_row);
+    free(c->ovf_val);
     (void)cudaGetLastError();
     delete c;
 }
@@ -102,6 +114,36 @@ void cuda_destroy(l8_layer *L) {
     free_impl(c); /* cudaFree waits for work still using the weights */
     if (pushed) l8_cuda_pop_device(prev);
     L->impl = nullptr;
+}
+
+/* The columns (not known ones: their weights are kept in fp16, checked when quantized)
+ * whose dequantized weight rounds to a non-finite fp16 value in some row, computed as the
+ * CPU backend's forward does (linear_cpu.c: wq * (wscale / 127.0f), then l8_round_f16).
+ * Only a row whose scale is at least 65504 can hold one, so most layers skip every row.
+ * Fills c->ovf_row / c->ovf_val when some column can overflow, else leaves them NULL.
+ * -1 when out of host memory. */
+int find_fp16_overflow(const l8_layer *L, const l8_weights *w, const uint8_t *known, cuda_impl *c) {
+    const int64_t n = L->out_features, k = L->in_features;
+    for (int64_t j = 0; j < n; j++) {
+        const float sj = w->wscale[j] / 127.0f;
+        if (!(128.0f * sj >= 65504.0f)) continue; /* |wq| <= 128: every value of this row fits */
+        for (int64_t p = 0; p < k; p++) {
+            if (known && known[p]) continue;
+            const int8_t q = w->wq[j * k + p];
+            if (l8_isfinite(l8_round_f16((float)q * sj))) continue;
+            if (!c->ovf_row) {
+                c->ovf_row = static_cast<int32_t *>(l8_malloc_array((size_t)k, sizeof(int32_t)));
+                c->ovf_val = static_cast<double *>(l8_malloc_array((size_t)k, sizeof(double)));
+                if (!c->ovf_row || !c->ovf_val) return -1;
+                for (int64_t i = 0; i < k; i++) c->ovf_row[i] = -1;
+            }
+            if (c->ovf_row[p] < 0) { /* rows ascend: the first row is the CPU's */
+                c->ovf_row[p] = (int32_t)j;
+                c->ovf_val[p] = (double)q * sj;
+            }
+        }
+    }
+    return 0;
 }
 
 int cuda_create(l8_layer *L, const l8_weights *w, l8_status *st) {
@@ -141,6 +183,10 @@ int cuda_create(l8_layer *L, const l8_weights *w, l8_status *st) {
             hp[L->outlier_cols[o]] = (int32_t)o;
         }
     }
+    if (find_fp16_overflow(L, w, hf, c) < 0) {
+        l8_fail(st, L8_ERR_NOMEM, "could not allocate %lld bytes of overflow flags", (long long)(k * 13));
+        goto fail;
+    }
     if (l8_cuda_push_device(L->device, &prev, st) < 0) goto fail;
     L8_CUDA_CHECK(st, cudaMalloc(&c->wq, (size_t)(np * kp)));
     L8_CUDA_CHECK(st, cudaMalloc(&c->wscale, (size_t)n * sizeof(float)));
@@ -158,12 +204,24 @@ int cuda_create(l8_layer *L, const l8_weights *w, l8_status *st) {
         L8_CUDA_CHECK(st, cudaMemcpy(c->kflag, hf, (size_t)k, cudaMemcpyHostToDevice));
         L8_CUDA_CHECK(st, cudaMemcpy(c->known_pos, hp, (size_t)k * sizeof(int32_t), cudaMemcpyHostToDevice));
     }
+    if (c->ovf_row) {
+        uint8_t *hv = static_cast<uint8_t *>(calloc((size_t)k, 1));
+        if (!hv) {
+            l8_fail(st, L8_ERR_NOMEM, "could not allocate %lld bytes of overflow flags", (long long)k);
+            goto fail;
+        }
+        for (int64_t p = 0; p < k; p++) hv[p] = c->ovf_row[p] >= 0;
+        const cudaError_t e1 = cudaMalloc(&c->ovf, (size_t)k);
+        const cudaError_t e2 = e1 == cudaSuccess ? cudaMemcpy(c->ovf, hv, (size_t)k, cudaMemcpyHostToDevice) : e1;
+        free(hv);
+        L8_CUDA_CHECK(st, e2);
+    }
     /* cudaMemcpy from pageable memory may return before its DMA lands, and a forward on a
      * non-blocking stream is not ordered after the legacy stream: finish the uploads here. */
     L8_CUDA_CHECK(st, cudaDeviceSynchronize());
     L->impl = c;
     L->nbytes = (size_t)(np * kp) + (size_t)n * sizeof(float) * (L->has_bias ? 2 : 1) +
-                (size_t)(no * n) * sizeof(__half) + (no ? (size_t)k * 5 : 0);
+                (size_t)(no * n) * sizeof(__half) + (no ? (size_t)k * 5 : 0) + (c->ovf ? (size_t)k : 0);
     c = nullptr;
     rc = 0;
 fail:
@@ -241,6 +299,68 @@ fail:
     return rc;
 }
 
+bool capturing(cudaStream_t s) {
+    cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
+    if (cudaStreamIsCapturing(s, &cs) != cudaSuccess) { /* e.g. the legacy stream while another captures */
+        (void)cudaGetLastError();
+        return true;
+    }
+    return cs != cudaStreamCaptureStatusNone;
+}
+
+int first_ovf_column(const l8_layer *L, const cuda_impl *c) {
+    for (int64_t p = 0; p < L->in_features; p++)
+        if (c->ovf_row[p] >= 0) return (int)p;
+    return -1;
+}
+
+/* The CPU backend's error (linear_cpu.c) for dynamic outlier column col, word for word. */
+int ovf_error(const l8_layer *L, const cuda_impl *c, int col, l8_status *st) {
+    (void)L;
+    return l8_fail(st, L8_ERR_VALUE,
+                   "column %d of x is an outlier and x is float16, but the layer's weight[%lld, %d] = %g "
+                   "is beyond float16's range (65504); pass x as float32 (the outlier product is then "
+                   "computed in float32)",
+                   col, (long long)c->ovf_row[col], col, c->ovf_val[col]);
+}
+
+/* Whether the one-launch decoding kernel takes this call: selected in the context, few
+ * enough rows, and int8 x fits in a block's shared memory on this device. */
+bool fused_decode_fits(const l8_layer *L, const cuda_impl *c, int64_t m, int *sms) {
+    if (!(l8_cuda_ctx_fused(c->ctx) & L8_FUSED_DECODE) || m > L8_CUDA_FUSED_MAX_M) return false;
+    int optin = 0;
+    if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, L->device) != cudaSuccess ||
+        cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, L->device) != cudaSuccess) {
+        (void)cudaGetLastError();
+        return false;
+    }
+    const size_t smem = l8_fused_decode_smem(m, L->in_features, c->kp);
+    return smem <= (size_t)optin && smem <= L8_FUSED_DECODE_SMEM_MAX;
+}
+
+/* The forward through the decoding kernel (one launch; with check_ovf, a 4-byte verdict
+ * read back with one synchronization, as on the other paths). Device current. */
+int fused_decode_forward(const l8_layer *L, const cuda_impl *c, const void *x, l8_dtype xt, int64_t m, void *y,
+                         l8_dtype yt, bool check_ovf, int sms, cudaStream_t s, l8_status *st) {
+    int *ovf_dev = nullptr, ovf_col = INT_MAX, rc = -1;
+    if (check_ovf && l8_cuda_alloc((void **)&ovf_dev, sizeof(int), s, st) < 0) return -1;
+    L8_CUDA_CHECK(st, l8_fused_decode_cuda(x, xt, m, L->in_features, c->kp, c->np, L->out_features, L->threshold,
+                                           c->kflag, c->known_pos, c->wq, c->wscale, c->bias, c->wk, y, yt,
+                                           check_ovf ? c->ovf : nullptr, ovf_dev, sms, s));
+    if (check_ovf) {
+        L8_CUDA_CHECK(st, cudaMemcpyAsync(&ovf_col, ovf_dev, sizeof(int), cudaMemcpyDeviceToHost, s));
+        L8_CUDA_CHECK(st, cudaStreamSynchronize(s));
+        if (ovf_col >= 0 && ovf_col < L->in_features) {
+            ovf_error(L, c, ovf_col, st);
+            goto fail;
+        }
+    }
+    rc = 0;
+fail:
+    l8_cuda_free(ovf_dev, s);
+    return rc;
+}
+
 } // namespace
 
 extern "C" int l8_cuda_linear_forward(const l8_layer *L, const void *x, l8_dtype xt, int64_t m, void *y,
@@ -251,18 +371,38 @@ extern "C" int l8_cuda_linear_forward(const l8_layer *L, const void *x, l8_dtype
     /* small m: no compact copies (the GEMV epilogue gathers the few values it needs) */
     const int dcap = dyn && !small ? (int)std::min<int64_t>(k, DYN_CAP) : 0;
     const int64_t ldo = any && !small ? std::min<int64_t>(k, no + dcap) : 0;
+    /* float16 x rounds the dynamic columns' dequantized weights to fp16: a layer with a
+     * column where that overflows (known at build time, rare) must check which columns
+     * this call found, which takes one small host synchronization (see ovf_error) */
+    const bool check_ovf = dyn && xt == L8_F16 && c->ovf != nullptr;
     char *buf = nullptr;
-    int prev = -1, rc = -1;
+    int prev = -1, rc = -1, ovf_col = INT_MAX;
     if (m == 0) return 0;
     if (l8_cuda_push_device(L->device, &prev, st) < 0) return -1;
     (void)cudaGetLastError(); /* a stale error of someone else's must not read as ours */
+    if (check_ovf && capturing(s)) {
+        l8_cuda_pop_device(prev);
+        return l8_fail(st, L8_ERR_VALUE,
+                "x is float16 and some of this layer's weights are beyond float16's range when dequantized "
+                "(column %d, among others maybe), so a float16 forward checks its outlier columns on the host, "
+                "which cannot be done while a CUDA graph is being captured; pass x as float32",
+                first_ovf_column(L, c));
+    }
+    {
+        int sms = 0;
+        if (fused_decode_fits(L, c, m, &sms)) {
+            rc = fused_decode_forward(L, c, x, xt, m, y, yt, check_ovf, sms, s, st);
+            l8_cuda_pop_device(prev);
+            return rc;
+        }
+    }
 
     carver cv;
     /* xq has the padding rows of the last chunk too: chunks start at multiples of mc, a
      * multiple of 128 when there are several, so they end by gemm_rows(m) */
     const size_t o_xq = cv.take((size_t)((small ? m : gemm_rows(m)) * kp));
     const size_t o_sx = cv.take((size_t)m * 4), o_rc = cv.take((size_t)m * 4);
-    const size_t o_fl = cv.take(any ? (size_t)(2 + k) * 4 : 0);
+    const size_t o_fl = cv.take(any ? (size_t)(4 + k) * 4 : 0); /* counts[4], then dflag */
     const size_t o_oc = cv.take(any ? (size_t)k * 4 : 0), o_os = cv.take(any ? (size_t)k * 4 : 0),
                  o_dc = cv.take(any ? (size_t)k * 4 : 0);
     const size_t o_xo = cv.take((size_t)(m * ldo) * 4), o_wd = cv.take((size_t)dcap * (size_t)n * 4);
@@ -277,7 +417,8 @@ extern "C" int l8_cuda_linear_forward(const l8_layer *L, const void *x, l8_dtype
         l8_outlier_ops ops = {};
         if (any) {
             ol.counts = (int *)(buf + o_fl);
-            ol.dflag = dyn ? (unsigned *)(buf + o_fl) + 2 : nullptr;
+            ol.dflag = dyn ? (unsigned *)(buf + o_fl) + 4 : nullptr;
+            ol.ovf = check_ovf ? c->ovf : nullptr;
             ol.ocol = (int *)(buf + o_oc);
             ol.osrc = (int *)(buf + o_os);
             ol.dcol = (int *)(buf + o_dc);
@@ -301,6 +442,16 @@ extern "C" int l8_cuda_linear_forward(const l8_layer *L, const void *x, l8_dtype
                                                        sx, s));
             L8_CUDA_CHECK(st, l8_gemv_s8_cuda(xq, c->wq, m, np, kp, n, sx, c->wscale, c->bias, &ops, y, yt, nullptr, 0, s));
         } else {
+            if (any && (l8_cuda_ctx_fused(c->ctx) & L8_FUSED_PREFILL) && m <= L8_PREFILL_MAX_M) {
+                /* the fused prefill quantizer: flags (+ the list, by the last block), then
+                 * exact scales; one memset zeroes counts (counts[3] is its block counter) and dflag */
+                L8_CUDA_CHECK(st, cudaMemsetAsync(ol.counts, 0, (size_t)(4 + (dyn ? k : 0)) * 4, s));
+                L8_CUDA_CHECK(st, l8_prefill_flags_cuda(x, xt, m, k, L->threshold, c->kflag, c->known_pos, &ol,
+                                                        (unsigned *)ol.counts + 3, s));
+                L8_CUDA_CHECK(st, l8_prefill_quantize_cuda(x, xt, m, k, kp, gemm_rows(m), L->threshold, c->kflag, &ol,
+                                                           xq, sx, (float *)(buf + o_xo), ldo, c->wq, kp, c->wscale, n,
+                                                           dcap, (float *)(buf + o_wd), s));
+            } else {
             /* dflag must be 0 before pass 1 marks it; counts are written by the compaction */
             if (dyn) L8_CUDA_CHECK(st, cudaMemsetAsync(ol.dflag, 0, (size_t)k * 4, s));
             L8_CUDA_CHECK(st, l8_quantize_x_cuda(x, xt, m, k, kp, gemm_rows(m), L->threshold, c->kflag, ol.dflag, xq,
@@ -310,6 +461,7 @@ extern "C" int l8_cuda_linear_forward(const l8_layer *L, const void *x, l8_dtype
                 L8_CUDA_CHECK(st, l8_outliers_fix_cuda(x, xt, m, k, kp, L->threshold, c->kflag, &ol, xq, sx, rcol,
                                                        (float *)(buf + o_xo), ldo, c->wq, kp, c->wscale, n, dcap,
                                                        (float *)(buf + o_wd), s));
+            }
             }
             int32_t *C = (int32_t *)(buf + o_c);
             const size_t ys = l8_dtype_size(yt);
@@ -324,6 +476,14 @@ extern "C" int l8_cuda_linear_forward(const l8_layer *L, const void *x, l8_dtype
                     goto fail;
                 L8_CUDA_CHECK(st, l8_dequant_cuda(C, np, rows, n, sx + r0, c->wscale, c->bias, &oc,
                                                   static_cast<char *>(y) + (size_t)(r0 * n) * ys, yt, s));
+            }
+        }
+        if (check_ovf) {
+            L8_CUDA_CHECK(st, cudaMemcpyAsync(&ovf_col, ol.counts + 2, sizeof(int), cudaMemcpyDeviceToHost, s));
+            L8_CUDA_CHECK(st, cudaStreamSynchronize(s));
+            if (ovf_col >= 0 && ovf_col < k) {
+                ovf_error(L, c, ovf_col, st);
+                goto fail;
             }
         }
     }

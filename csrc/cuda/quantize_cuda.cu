@@ -38,6 +38,7 @@
  */
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <limits.h>
 #include <stdint.h>
 
 #include <algorithm>
@@ -209,9 +210,11 @@ quantize_x_kernel(const T *__restrict__ x, int64_t k, int64_t kp, int64_t mpad, 
  * a whole number of warps, up to 1024 threads. dflag is read with plain loads: the
  * single-block caller wrote it before its barrier. */
 __device__ void compact_block(const uint8_t *__restrict__ kflag, const int32_t *__restrict__ known_pos,
-                              const unsigned *dflag, int64_t k, int *ocol, int *osrc, int *dcol, int *counts) {
-    __shared__ int wtot[32], wdyn[32];
+                              const unsigned *dflag, int64_t k, int *ocol, int *osrc, int *dcol, int *counts,
+                              const uint8_t *__restrict__ ovf) {
+    __shared__ int wtot[32], wdyn[32], ovmin;
     const int nthr = (int)blockDim.x, tid = (int)threadIdx.x, warp = tid / 32, lane = tid % 32, nw = nthr / 32;
+    if (tid == 0) ovmin = INT_MAX; /* read after the barriers below */
     const int64_t per = (k + nthr - 1) / nthr;
     const int64_t j0 = (int64_t)tid * per, j1 = j0 + per < k ? j0 + per : k; /* empty when j0 >= k */
     int ct = 0, cd = 0;
@@ -243,6 +246,7 @@ __device__ void compact_block(const uint8_t *__restrict__ kflag, const int32_t *
     __syncthreads();
     int ot = (warp > 0 ? wtot[warp - 1] : 0) + it - ct; /* this run's first entry and dynamic slot */
     int od = (warp > 0 ? wdyn[warp - 1] : 0) + id - cd;
+    int myov = INT_MAX; /* this run's first dynamic column whose weight overflows fp16 */
     for (int64_t j = j0; j < j1; j++) {
         const unsigned kf = kflag ? kflag[j] : 0u, df = dflag ? dflag[j] : 0u;
         if (kf != 0u) {
@@ -252,15 +256,24 @@ __device__ void compact_block(const uint8_t *__restrict__ kflag, const int32_t *
             ocol[ot] = (int)j;
             osrc[ot++] = -(od + 1);
             dcol[od++] = (int)j;
+            if (ovf && ovf[j] && myov == INT_MAX) myov = (int)j;
         }
     }
-    if (tid == 0) { counts[0] = wtot[nw - 1]; counts[1] = wdyn[nw - 1]; }
+    if (ovf) { /* uniform: the barrier is reached by every thread or by none */
+        if (myov != INT_MAX) atomicMin(&ovmin, myov);
+        __syncthreads();
+    }
+    if (tid == 0) {
+        counts[0] = wtot[nw - 1];
+        counts[1] = wdyn[nw - 1];
+        counts[2] = ovmin; /* INT_MAX when no overflowing column was found (or none is checked) */
+    }
 }
 
 __global__ void __launch_bounds__(CBLOCK)
 compact_kernel(const uint8_t *__restrict__ kflag, const int32_t *__restrict__ known_pos, const unsigned *dflag,
-               int64_t k, int *ocol, int *osrc, int *dcol, int *counts) {
-    compact_block(kflag, known_pos, dflag, k, ocol, osrc, dcol, counts);
+               int64_t k, int *ocol, int *osrc, int *dcol, int *counts, const uint8_t *__restrict__ ovf) {
+    compact_block(kflag, known_pos, dflag, k, ocol, osrc, dcol, counts, ovf);
 }
 
 /* Pass 2 for row i with the whole block (see l8_outliers_fix_cuda). */
@@ -327,7 +340,7 @@ template <typename T, int VEC>
 __global__ void __launch_bounds__(CBLOCK, 1)
 small_m_kernel(const T *__restrict__ x, int m, int64_t k, int64_t kp, float thr, const uint8_t *__restrict__ kflag,
                const int32_t *__restrict__ known_pos, unsigned *dflag, int *ocol, int *osrc, int *dcol, int *counts,
-               int8_t *__restrict__ xq, float *__restrict__ sx) {
+               int8_t *__restrict__ xq, float *__restrict__ sx, const uint8_t *__restrict__ ovf) {
     __shared__ int rcol[L8_CUDA_SMALL_M];
     const bool any = thr > 0.0f || kflag != nullptr;
     if (dflag)
@@ -341,13 +354,84 @@ small_m_kernel(const T *__restrict__ x, int m, int64_t k, int64_t kp, float thr,
     }
     if (!any) return;
     __syncthreads();
-    compact_block(kflag, known_pos, dflag, k, ocol, osrc, dcol, counts);
+    compact_block(kflag, known_pos, dflag, k, ocol, osrc, dcol, counts, ovf);
     __syncthreads();
     for (int i = 0; i < m; i++) {
         const int rc = rcol[i];
         fix_row<T, VEC>(x, i, k, kp, thr, kflag, dflag, counts, ocol, xq, sx, rc, nullptr, 0);
         __syncthreads(); /* fix_row may run a block reduction: keep the rows in lockstep */
     }
+}
+
+/* ---- the fused prefill quantizer (l8_prefill_flags_cuda + l8_prefill_quantize_cuda) ----
+ * The CPU's order of work, on the GPU: first every column's outlier flag (any |x| >= t),
+ * then every row quantized with its exact scale. No provisional scales, no fix-up pass:
+ * the price is a second read of x, which comes from L2 when x fits there (50 MB on an
+ * H200: 2048 x 4096 fp16 is 16 MB), against the two launches and the single-block
+ * compaction of the three-pass scheme. */
+
+constexpr int PF_THREADS = 256, PF_ROWS = 64; /* flag pass: column vectors x row chunk per block */
+static_assert(L8_PREFILL_MAX_M == (int64_t)65535 * PF_ROWS, "callers keep m within the flag pass's grid");
+
+/* Blocks (column vectors [bx * PF_THREADS, +PF_THREADS), rows [by * PF_ROWS, +PF_ROWS)):
+ * dflag[j] = 1 for the non-known columns with some |x| >= thr in the chunk (plain stores of
+ * the same value: any order is the same). The last block to finish (a counter, after a
+ * device-wide fence) builds the outlier list from the final flags with compact_block. */
+template <typename T, int VEC>
+__global__ void __launch_bounds__(PF_THREADS)
+prefill_flags_kernel(const T *__restrict__ x, int64_t m, int64_t k, float thr, const uint8_t *__restrict__ kflag,
+                     const int32_t *__restrict__ known_pos, unsigned *dflag, int *ocol, int *osrc, int *dcol,
+                     int *counts, unsigned *done, const uint8_t *__restrict__ ovf) {
+    __shared__ bool last;
+    const int64_t c = (int64_t)blockIdx.x * PF_THREADS + threadIdx.x, nv = k / VEC;
+    const int64_t r0 = (int64_t)blockIdx.y * PF_ROWS, r1 = r0 + PF_ROWS < m ? r0 + PF_ROWS : m;
+    if (thr > 0.0f && c < nv) {
+        unsigned fl = 0u;
+        for (int64_t i = r0; i < r1; i++) {
+            float v[VEC];
+            load_vec<T, VEC>(x + i * k + c * VEC, v);
+#pragma unroll
+            for (int t = 0; t < VEC; t++) fl |= fabsf(v[t]) >= thr ? 1u << t : 0u;
+        }
+#pragma unroll
+        for (int t = 0; t < VEC; t++) {
+            const int64_t j = c * VEC + t;
+            if (((fl >> t) & 1u) && !(kflag && kflag[j]) && dflag[j] == 0u) dflag[j] = 1u;
+        }
+    }
+    /* the last block: every other block's flags are visible after its fence and counter */
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(done, 1u) == gridDim.x * gridDim.y - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence(); /* acquire: the loads below see the other blocks' flags, not stale L1 lines */
+    compact_block(kflag, known_pos, dflag, k, ocol, osrc, dcol, counts, ovf);
+}
+
+/* Blocks [0, m): row blockIdx.x quantized with its exact scale (every flagged column
+ * excluded: quantize_row's REQUANT mode, the rule of quantize.c), the padding rows of xq
+ * below mpad zeroed, and x's outlier values gathered into xo (first min(total, ldo)
+ * entries). Blocks [m, m + nwb): the dynamic columns' dequantized weights. */
+template <typename T, int VEC>
+__global__ void __launch_bounds__(QBLOCK)
+prefill_quantize_kernel(const T *__restrict__ x, int64_t m, int64_t k, int64_t kp, int64_t mpad, float thr,
+                        const uint8_t *__restrict__ kflag, unsigned *dflag, const int *__restrict__ counts,
+                        const int *__restrict__ ocol, const int *__restrict__ dcol, int8_t *__restrict__ xq,
+                        float *__restrict__ sx, float *__restrict__ xo, int64_t ldo, const int8_t *__restrict__ wq,
+                        int64_t ldw, const float *__restrict__ wscale, int64_t n, int dcap, float *__restrict__ wd,
+                        int64_t nwb) {
+    const int64_t b = blockIdx.x;
+    if (b >= m) { /* uniform per block; no barrier below */
+        dynamic_weights_part(wq, ldw, wscale, n, counts, dcol, dcap, wd, sizeof(T) == 2, b - m, nwb);
+        return;
+    }
+    const T *xr = x + b * k;
+    quantize_row<T, VEC, true>(xr, k, kp, thr, kflag, dflag, xq + b * kp, sx + b, nullptr, whole_block());
+    for (int64_t r = m + b; r < mpad; r += m)
+        for (int64_t j = threadIdx.x; j < kp; j += blockDim.x) xq[r * kp + j] = 0;
+    const int total = counts[0], nx = (int64_t)total < ldo ? total : (int)ldo;
+    for (int o = threadIdx.x; o < nx; o += blockDim.x) xo[b * ldo + o] = to_f(xr[ocol[o]]);
 }
 
 /* 16-byte vectors when the rows allow them, scalars otherwise. */
@@ -394,7 +478,8 @@ cudaError_t l8_quantize_x_cuda(const void *x, l8_dtype xt, int64_t m, int64_t k,
 
 cudaError_t l8_outliers_compact_cuda(const uint8_t *kflag, const int32_t *known_pos, int64_t k,
                                      const l8_outlier_list *ol, cudaStream_t s) {
-    compact_kernel<<<1, CBLOCK, 0, s>>>(kflag, known_pos, ol->dflag, k, ol->ocol, ol->osrc, ol->dcol, ol->counts);
+    compact_kernel<<<1, CBLOCK, 0, s>>>(kflag, known_pos, ol->dflag, k, ol->ocol, ol->osrc, ol->dcol, ol->counts,
+                                        ol->ovf);
     return cudaGetLastError();
 }
 
@@ -440,7 +525,7 @@ cudaError_t l8_quantize_small_m_cuda(const void *x, l8_dtype xt, int64_t m, int6
     const int threads = (CBLOCK / 32 / mi) * mi * 32;
 #define L8_SMALL_LAUNCH(T, V)                                                                                      \
     small_m_kernel<T, V><<<1, threads, 0, s>>>(static_cast<const T *>(x), mi, k, kp, threshold, kflag, known_pos, \
-                                               ol->dflag, ol->ocol, ol->osrc, ol->dcol, ol->counts, xq, sx)
+                                               ol->dflag, ol->ocol, ol->osrc, ol->dcol, ol->counts, xq, sx, ol->ovf)
     if (xt == L8_F16) {
         if (vec_ok<__half>(x, k))
             L8_SMALL_LAUNCH(__half, 8);
@@ -453,5 +538,65 @@ cudaError_t l8_quantize_small_m_cuda(const void *x, l8_dtype xt, int64_t m, int6
             L8_SMALL_LAUNCH(float, 1);
     }
 #undef L8_SMALL_LAUNCH
+    return cudaGetLastError();
+}
+
+cudaError_t l8_prefill_flags_cuda(const void *x, l8_dtype xt, int64_t m, int64_t k, float threshold,
+                                  const uint8_t *kflag, const int32_t *known_pos, const l8_outlier_list *ol,
+                                  unsigned *done, cudaStream_t s) {
+    const bool f16 = xt == L8_F16;
+    const int vec = f16 ? (vec_ok<__half>(x, k) ? 8 : 1) : (vec_ok<float>(x, k) ? 4 : 1);
+    /* no threshold: one block, which only builds the list of the known columns */
+    const int64_t gx = threshold > 0.0f ? std::max<int64_t>(1, (k / vec + PF_THREADS - 1) / PF_THREADS) : 1;
+    const int64_t gy = threshold > 0.0f ? std::max<int64_t>(1, (m + PF_ROWS - 1) / PF_ROWS) : 1;
+    if (gx > 0x7fffffff || gy > 65535) return cudaErrorInvalidValue;
+    const dim3 grid((unsigned)gx, (unsigned)gy);
+#define L8_PF_LAUNCH(T, V)                                                                                         \
+    prefill_flags_kernel<T, V><<<grid, PF_THREADS, 0, s>>>(static_cast<const T *>(x), m, k, threshold, kflag,      \
+                                                           known_pos, ol->dflag, ol->ocol, ol->osrc, ol->dcol,     \
+                                                           ol->counts, done, ol->ovf)
+    if (f16) {
+        if (vec == 8)
+            L8_PF_LAUNCH(__half, 8);
+        else
+            L8_PF_LAUNCH(__half, 1);
+    } else {
+        if (vec == 4)
+            L8_PF_LAUNCH(float, 4);
+        else
+            L8_PF_LAUNCH(float, 1);
+    }
+#undef L8_PF_LAUNCH
+    return cudaGetLastError();
+}
+
+cudaError_t l8_prefill_quantize_cuda(const void *x, l8_dtype xt, int64_t m, int64_t k, int64_t kp, int64_t mpad,
+                                     float threshold, const uint8_t *kflag, const l8_outlier_list *ol, int8_t *xq,
+                                     float *sx, float *xo, int64_t ldo, const int8_t *wq, int64_t ldw,
+                                     const float *wscale, int64_t n, int dcap, float *wd, cudaStream_t s) {
+    if (m == 0) return cudaSuccess;
+    const bool f16 = xt == L8_F16;
+    const int vec = f16 ? (vec_ok<__half>(x, k) ? 8 : 1) : (vec_ok<float>(x, k) ? 4 : 1);
+    const int threads = qthreads(k, vec);
+    const int64_t elems = dcap > 0 ? (int64_t)dcap * n : 0;
+    const int64_t nwb = std::min<int64_t>((elems + threads - 1) / threads, 65536 / threads);
+    if (m + nwb > 0x7fffffff) return cudaErrorInvalidValue;
+    const dim3 grid((unsigned)(m + nwb));
+#define L8_PQ_LAUNCH(T, V)                                                                                         \
+    prefill_quantize_kernel<T, V><<<grid, threads, 0, s>>>(static_cast<const T *>(x), m, k, kp, mpad, threshold,  \
+                                                           kflag, ol->dflag, ol->counts, ol->ocol, ol->dcol, xq,   \
+                                                           sx, xo, ldo, wq, ldw, wscale, n, dcap, wd, nwb)
+    if (f16) {
+        if (vec == 8)
+            L8_PQ_LAUNCH(__half, 8);
+        else
+            L8_PQ_LAUNCH(__half, 1);
+    } else {
+        if (vec == 4)
+            L8_PQ_LAUNCH(float, 4);
+        else
+            L8_PQ_LAUNCH(float, 1);
+    }
+#undef L8_PQ_LAUNCH
     return cudaGetLastError();
 }

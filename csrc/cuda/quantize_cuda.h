@@ -14,7 +14,9 @@
 
 /* Per-call outlier bookkeeping on the device (dflag cleared by one memset before pass 1
  * when there is a threshold; counts are written by the compaction):
- *   counts[0]  number of outlier columns (known U dynamic), counts[1] dynamic ones
+ *   counts[0]  number of outlier columns (known U dynamic), counts[1] dynamic ones,
+ *   counts[2]  the smallest dynamic column whose dequantized weight overflows fp16 (ovf),
+ *              INT_MAX when none (or ovf is NULL); counts has 4 ints
  *   dflag[k]   1 where some |x[i, j]| >= threshold (j not a known column)
  * Filled by l8_quantize_x_cuda + l8_outliers_compact_cuda:
  *   ocol[k]    the outlier columns in ascending order (the CPU backend's order), [0, counts[0])
@@ -24,6 +26,10 @@ typedef struct {
     int *counts;
     unsigned *dflag;
     int *ocol, *osrc, *dcol;
+    /* (k,) 1 in the columns whose weight, dequantized and rounded to fp16, is not finite
+     * (the layer's build finds them); NULL: nothing to check (float32 x, no threshold, or
+     * no such column, the usual case) */
+    const uint8_t *ovf;
 } l8_outlier_list;
 
 /* Pass 1 over x (m, k), one block per row, x read from DRAM once (the second read of a
@@ -56,6 +62,23 @@ cudaError_t l8_outliers_fix_cuda(const void *x, l8_dtype xt, int64_t m, int64_t 
                                  const uint8_t *kflag, const l8_outlier_list *ol, int8_t *xq, float *sx,
                                  const int *rcol, float *xo, int64_t ldo, const int8_t *wq, int64_t ldw,
                                  const float *wscale, int64_t n, int dcap, float *wd, cudaStream_t s);
+
+/* The fused prefill quantizer (opt-in, L8_FUSED_PREFILL), in place of pass 1 +
+ * compaction + pass 2, after one memset that zeroes counts[0..3] and dflag:
+ *   l8_prefill_flags_cuda: dflag for every column (any |x[i, j]| >= threshold, known
+ *     columns left out), then, in the last block to finish (counter *done, zeroed by that
+ *     memset: counts + 3), the outlier list and counts as l8_outliers_compact_cuda makes them;
+ *   l8_prefill_quantize_cuda: xq and sx with the exact scales (no provisional ones), the
+ *     padding rows of xq below mpad zeroed, xo and wd as l8_outliers_fix_cuda fills them.
+ * Two launches; x is read twice (the second time mostly from L2). */
+#define L8_PREFILL_MAX_M ((int64_t)65535 * 64) /* the flag pass's grid: 64-row chunks in gridDim.y */
+cudaError_t l8_prefill_flags_cuda(const void *x, l8_dtype xt, int64_t m, int64_t k, float threshold,
+                                  const uint8_t *kflag, const int32_t *known_pos, const l8_outlier_list *ol,
+                                  unsigned *done, cudaStream_t s);
+cudaError_t l8_prefill_quantize_cuda(const void *x, l8_dtype xt, int64_t m, int64_t k, int64_t kp, int64_t mpad,
+                                     float threshold, const uint8_t *kflag, const l8_outlier_list *ol, int8_t *xq,
+                                     float *sx, float *xo, int64_t ldo, const int8_t *wq, int64_t ldw,
+                                     const float *wscale, int64_t n, int dcap, float *wd, cudaStream_t s);
 
 /* Rows up to which l8_quantize_small_m_cuda serves (the GEMV path's m). */
 #define L8_CUDA_SMALL_M L8_CUDA_GEMV_MAX_M

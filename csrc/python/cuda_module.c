@@ -150,6 +150,29 @@ static PyObject *py_set_stream(PyObject *mod, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
+PyDoc_STRVAR(set_fused_doc,
+"_set_fused(mode) -> str\n\n"
+"Select the fused forward paths for every CUDA layer: 'decode' (the one-launch forward\n"
+"for m <= 16 rows), 'prefill' (the two-launch quantizer of longer inputs), 'all' (both)\n"
+"or 'none'. Returns the previous mode.\n"
+"The environment variable LLMINT8_CUDA_FUSED sets the starting mode (tests, gpu_check).");
+
+static PyObject *py_set_fused(PyObject *mod, PyObject *arg) {
+    const char *mode = PyUnicode_AsUTF8(arg);
+    if (!mode) return NULL;
+    const int f = l8_cuda_fused_parse(mode);
+    if (f < 0)
+        return PyErr_Format(PyExc_ValueError, "mode must be 'decode', 'prefill', 'all' or 'none', got %R", arg);
+    l8_cuda_ctx *ctx = get_ctx(PyModule_GetState(mod));
+    if (!ctx) return NULL;
+    const int old = l8_cuda_ctx_fused(ctx);
+    l8_cuda_ctx_set_fused(ctx, f);
+    return PyUnicode_FromString(old == 0                  ? "none"
+                                : old == L8_FUSED_DECODE   ? "decode"
+                                : old == L8_FUSED_PREFILL  ? "prefill"
+                                                           : "all");
+}
+
 static PyObject *py_get_stream(PyObject *mod, PyObject *unused) {
     (void)unused;
     return stream_to_py(current_stream(PyModule_GetState(mod)));
@@ -583,6 +606,7 @@ static PyMethodDef module_methods[] = {
     {"_stream_create", py_stream_create, METH_NOARGS, stream_create_doc},
     {"_stream_destroy", py_stream_destroy, METH_O, "_stream_destroy(handle): destroy a stream made by _stream_create."},
     {"_copy_into", (PyCFunction)(void (*)(void))py_copy_into, METH_VARARGS, copy_into_doc},
+    {"_set_fused", py_set_fused, METH_O, set_fused_doc},
     {NULL, NULL, 0, NULL},
 };
 
