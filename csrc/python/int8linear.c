@@ -276,10 +276,11 @@ static PyObject *linear_forward(PyObject *op, PyObject *args, PyObject *kw) {
     const int nt = num_threads(PyModule_GetState(self->module));
     l8_status s = {0};
     int rc;
-    Py_BEGIN_ALLOW_THREADS
+    l8_nogil g;
+    l8_nogil_begin(&g);
     rc = L->backend->forward_host(L, PyArray_DATA(x), l8_type_of(x), m, PyArray_DATA(y),
                                   yt == NPY_HALF ? L8_F16 : L8_F32, nt, &s);
-    Py_END_ALLOW_THREADS
+    if (l8_nogil_end(&g) < 0) goto fail; /* interrupted (Ctrl-C): y is incomplete */
     if (rc < 0) {
         l8_raise(&s);
         goto fail;

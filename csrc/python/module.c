@@ -42,6 +42,29 @@ l8_state *l8_state_from_type(PyTypeObject *tp) {
     return m ? PyModule_GetState(m) : NULL;
 }
 
+/* ================================================================== interruptible work */
+
+/* The pool's check (threadpool.h): take the GIL back for a moment and run the signal
+ * handlers. Only the main thread sees signals; elsewhere this is a cheap no-op check. */
+static int check_signals(void *arg) {
+    l8_nogil *g = arg;
+    PyEval_RestoreThread(g->ts);
+    const int stop = PyErr_CheckSignals() < 0; /* the handler's exception stays set */
+    g->ts = PyEval_SaveThread();
+    return stop;
+}
+
+void l8_nogil_begin(l8_nogil *g) {
+    g->ts = PyEval_SaveThread();
+    l8_interrupt_push(&g->scope, check_signals, g);
+}
+
+int l8_nogil_end(l8_nogil *g) {
+    const int stopped = l8_interrupt_pop(&g->scope);
+    PyEval_RestoreThread(g->ts);
+    return stopped ? -1 : 0;
+}
+
 /* ================================================================== module */
 
 static PyObject *py_set_num_threads(PyObject *mod, PyObject *arg) {

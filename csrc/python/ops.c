@@ -64,9 +64,10 @@ static PyObject *py_quantize_rowwise(PyObject *mod, PyObject *args, PyObject *kw
     if (!(q = (PyArrayObject *)PyArray_SimpleNew(PyArray_NDIM(x), PyArray_DIMS(x), NPY_INT8))) goto fail;
     if (!(s = (PyArrayObject *)PyArray_SimpleNew(1, sd, NPY_FLOAT32))) goto fail;
     const int nt = num_threads(st);
-    Py_BEGIN_ALLOW_THREADS
+    l8_nogil g;
+    l8_nogil_begin(&g);
     l8_quantize_rows(PyArray_DATA(x), l8_type_of(x), m, k, skip, PyArray_DATA(q), PyArray_DATA(s), nt);
-    Py_END_ALLOW_THREADS
+    if (l8_nogil_end(&g) < 0) goto fail; /* interrupted (Ctrl-C) */
     free(skip);
     Py_XDECREF(cols);
     Py_DECREF(x);
@@ -125,9 +126,10 @@ static PyObject *py_find_outlier_columns(PyObject *mod, PyObject *args, PyObject
     const int64_t k = PyArray_DIM(x, PyArray_NDIM(x) - 1);
     if (!(colmax = l8_malloc_array((size_t)k, sizeof(float)))) { PyErr_NoMemory(); goto fail; }
     const int nt = num_threads(st);
-    Py_BEGIN_ALLOW_THREADS
+    l8_nogil g;
+    l8_nogil_begin(&g);
     l8_column_absmax(PyArray_DATA(x), l8_type_of(x), m, k, colmax, nt);
-    Py_END_ALLOW_THREADS
+    if (l8_nogil_end(&g) < 0) goto fail; /* interrupted (Ctrl-C) */
     npy_intp n = 0;
     for (int64_t j = 0; j < k; j++) n += thr > 0.0f && colmax[j] >= thr;
     if (!(out = (PyArrayObject *)PyArray_SimpleNew(1, &n, NPY_INT32))) goto fail;
@@ -178,7 +180,8 @@ static PyObject *py_int8_matmul(PyObject *mod, PyObject *args, PyObject *kw) {
     if (!(c = (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_INT32))) goto fail;
     const int nt = num_threads(st);
     int grc = 0;
-    Py_BEGIN_ALLOW_THREADS
+    l8_nogil g;
+    l8_nogil_begin(&g);
     if (ref) {
         l8_gemm_s8_ref(PyArray_DATA(a), PyArray_DATA(b), m, n, k, PyArray_DATA(c));
     } else if (kern == L8_KERNEL_PORTABLE) {
@@ -191,7 +194,10 @@ static PyObject *py_int8_matmul(PyObject *mod, PyObject *args, PyObject *kw) {
         if (grc == 0) grc = l8_gemm_s8_packed(PyArray_DATA(a), m, &pb, l8_epilogue_store, &sc, nt);
         l8_packed_b_free(&pb);
     }
-    Py_END_ALLOW_THREADS
+    if (l8_nogil_end(&g) < 0) { /* interrupted (Ctrl-C): c is incomplete */
+        Py_DECREF(c);
+        goto fail;
+    }
     if (grc < 0) {
         PyErr_NoMemory();
         Py_DECREF(c);
@@ -248,9 +254,10 @@ static PyObject *py_quantize_weight(PyObject *mod, PyObject *args, PyObject *kw)
     l8_status s = {0};
     int rc;
     const int nt = num_threads(st);
-    Py_BEGIN_ALLOW_THREADS
+    l8_nogil g;
+    l8_nogil_begin(&g);
     rc = l8_quantize_weight(PyArray_DATA(w), l8_type_of(w), n, k, PyArray_DATA(cols), no, &dst, nt, &s);
-    Py_END_ALLOW_THREADS
+    if (l8_nogil_end(&g) < 0) goto fail; /* interrupted (Ctrl-C) */
     if (rc < 0) {
         l8_raise(&s);
         goto fail;
