@@ -1,0 +1,71 @@
+"""setup.py: a second build into the same build/ folder follows the CUDA setting of that
+build, not the first one's (setuptools alone reuses _C as long as no source is newer, and
+leaves an earlier build's _cuda module where the wheel picks it up).
+
+Builds _C twice in a copy of the sources (about 10 s each on 2 cores). Without nvcc the
+CUDA side is simulated: a toolkit whose nvcc fails gives a CPU-only build with another
+reason, which is enough to tell a rebuilt _C from a reused one. The real CUDA -> CPU-only ->
+CUDA sequence, with wheels, is checked by .ci/packaging.sh."""
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import textwrap
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _copy_sources(dst):
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(os.path.join(ROOT, name), dst)
+    shutil.copytree(os.path.join(ROOT, "csrc"), os.path.join(dst, "csrc"))
+    shutil.copytree(os.path.join(ROOT, "llmint8"), os.path.join(dst, "llmint8"),
+                    ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+
+
+def _build(src, lib, env):
+    r = subprocess.run([sys.executable, "setup.py", "build_ext", "--build-lib", lib], cwd=src, env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stdout
+
+
+def _cuda_off_reason(lib):
+    code = "import llmint8._C as C; print(C.build_info().get('cuda_off'))"
+    r = subprocess.run([sys.executable, "-c", code], cwd=lib, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="builds with the Linux toolchain")
+def test_second_build_follows_the_cuda_setting(tmp_path):
+    src, lib = tmp_path / "src", tmp_path / "lib"
+    src.mkdir()
+    _copy_sources(src)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LLMINT8_", "CUDA_"))}
+    _build(src, str(lib), dict(env, LLMINT8_CUDA="0"))
+    assert _cuda_off_reason(lib) == "LLMINT8_CUDA=0"
+
+    # what an earlier CUDA build leaves in build/lib
+    stale = lib / "llmint8" / ("_cuda" + sysconfig.get_config_var("EXT_SUFFIX"))
+    stale.write_bytes(b"not a module")
+
+    # a CUDA toolkit whose nvcc fails: this build is CPU-only for another reason
+    fake = tmp_path / "cuda"
+    (fake / "bin").mkdir(parents=True)
+    (fake / "lib64").mkdir()
+    (fake / "lib64" / "libcudart.so").write_bytes(b"")
+    nvcc = fake / "bin" / "nvcc"
+    nvcc.write_text(textwrap.dedent("""\
+        #!/bin/sh
+        echo "nvcc: simulated failure" >&2
+        exit 1
+        """))
+    nvcc.chmod(0o755)
+    _build(src, str(lib), dict(env, CUDA_HOME=str(fake)))
+    assert not stale.exists(), "a CPU-only build left an earlier build's _cuda module in the build output"
+    assert _cuda_off_reason(lib) == "the CUDA backend failed to build (see the build log)", \
+        "_C was not rebuilt for the new CUDA setting"
