@@ -121,9 +121,14 @@ def relative_error(y, ref):
     """Mean absolute error over mean absolute reference: ``mean|y - ref| / mean|ref|``.
 
     The error measure used across llmint8's tests, demo and benchmarks (computed in float64).
+    y and ref must have the same shape (ValueError otherwise: broadcasting (3, 1) against
+    (3,) would compare every element with every other).
     """
     y = np.asarray(y, dtype=np.float64)
     ref = np.asarray(ref, dtype=np.float64)
+    if y.shape != ref.shape:
+        raise ValueError(f"relative_error: y has shape {y.shape} and ref has shape {ref.shape}; "
+                         f"expected the same shape")
     denom = np.mean(np.abs(ref))
     return float(np.mean(np.abs(y - ref)) / denom) if denom > 0 else float(np.mean(np.abs(y)))
 

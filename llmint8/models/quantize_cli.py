@@ -11,9 +11,22 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 import time
 
 from .._cli import ArgumentParser, CommandError, UsageError, check_input_file, check_output_dir
+
+
+def _entries(folder: str) -> dict:
+    """name -> lstat of each entry of ``folder`` ({} when it does not exist). lstat: a link
+    (dangling or not) is an entry of its own, never followed."""
+    if not os.path.isdir(folder):
+        return {}
+    return {name: os.lstat(os.path.join(folder, name)) for name in os.listdir(folder)}
+
+
+def _changed(old, new) -> bool:
+    return old is None or (old.st_ino, old.st_mtime_ns, old.st_size) != (new.st_ino, new.st_mtime_ns, new.st_size)
 
 
 def _parser() -> ArgumentParser:
@@ -50,8 +63,16 @@ def quantize_main(argv: list[str]) -> int:
     if args.calibration_text is not None:
         check_input_file(args.calibration_text, "calibration text")
     out = check_output_dir(args.out, "--out")
-    if os.path.exists(os.path.join(out, "config.json")) and not args.overwrite:
+    held = _entries(out)
+    if "config.json" in held and not args.overwrite:
         raise UsageError(f"--out {out!r} already holds a model; pass --overwrite to replace it")
+    if held and "config.json" not in held:
+        # a folder of other things (a home folder, /, a checkout) is never the place to write
+        # a model into: its files would be mixed with the model's, or replaced by them
+        shown = ", ".join(sorted(held)[:3]) + (", ..." if len(held) > 3 else "")
+        raise UsageError(f"--out {out!r} is a folder that already holds {len(held)} other entr"
+                         f"{'y' if len(held) == 1 else 'ies'} ({shown}); expected a new or empty folder, "
+                         f"or one holding a model saved before (with --overwrite)")
     progress = not args.no_progress
     if progress:
         try:
@@ -81,10 +102,14 @@ def quantize_main(argv: list[str]) -> int:
             raise UsageError("the calibration text holds no tokens")
     try:
         q = model.quantize("llm.int8", threshold=args.threshold, calibration_tokens=calib, progress=progress)
+        before = _entries(out)
         save_quantized(q, out, format=args.format, overwrite=args.overwrite, progress=progress)
+        after = _entries(out)
     except (ValueError, OSError, RuntimeError) as e:
         raise CommandError(str(e)) from None
-    size = sum(os.path.getsize(os.path.join(out, x)) for x in os.listdir(out))
+    # the files this save wrote (new or changed), not whatever else the folder holds
+    size = sum(st.st_size for name, st in after.items()
+               if stat.S_ISREG(st.st_mode) and _changed(before.get(name), st))
     n_out = sum(len(layer.outlier_columns) for layer in q.linears.values())
     print(f"saved {model.name} ({model.n_params:,} parameters) as llm.int8 ({args.format} format, threshold "
           f"{args.threshold:g}, {len(calib) if calib is not None else 0} calibration tokens, {n_out} known outlier "
