@@ -29,7 +29,8 @@ import sys
 from typing import Callable, Sequence
 
 __all__ = ["UsageError", "CommandError", "ArgumentParser", "run_command", "broken_pipe_exit", "require_module",
-           "check_input_file", "check_output_file", "check_output_dir", "positive_int"]
+           "check_input_file", "check_output_file", "check_output_dir", "positive_int",
+           "add_tokenizer_argument", "check_tokenizer", "read_text_arg"]
 
 
 class CommandError(Exception):
@@ -168,6 +169,34 @@ def check_output_dir(path: str, what: str = "output folder") -> str:
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UsageError(f"{what} {path!r} cannot be created: {parent!r} is not writable")
     return path
+
+
+def add_tokenizer_argument(p: argparse.ArgumentParser) -> None:
+    """The ``--tokenizer PATH`` option of the commands that load a model (passed to
+    :func:`llmint8.models.load_model`, which it hands to ``load_tokenizer``)."""
+    p.add_argument("--tokenizer", default=None, metavar="PATH",
+                   help="tokenizer to use instead of the one found beside the model: a llama2.c "
+                        "tokenizer .bin, a tokenizer.json, a Hugging Face tokenizer folder or a .gguf file")
+
+
+def check_tokenizer(path: str | None) -> str | None:
+    """``--tokenizer``'s value checked before any work: an existing file or folder."""
+    if path is not None and not os.path.exists(path):
+        raise UsageError(f"--tokenizer {path!r} does not exist")
+    return path
+
+
+def read_text_arg(path: str, what: str, max_chars: int | None = None) -> str:
+    """The UTF-8 text of an input file option (``--text``, ``--calibration-text``), read with
+    :func:`llmint8.models.perplexity.read_text`: a binary or non-UTF-8 file is a
+    :class:`UsageError` naming it, never scored as replacement characters."""
+    from .models.perplexity import read_text
+
+    check_input_file(path, what)
+    try:
+        return read_text(path, max_chars)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{what}: {e}") from None
 
 
 def positive_int(s: str) -> int:

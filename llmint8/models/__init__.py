@@ -12,11 +12,11 @@ from __future__ import annotations
 import os
 
 from .loaders import Checkpoint, load_checkpoint
-from .perplexity import perplexity, token_nll
+from .perplexity import perplexity, read_text, token_nll
 from .quantized import save_quantized
 from .transformer import METHODS, Model
 
-__all__ = ["load_model", "save_quantized", "perplexity", "token_nll", "Model", "METHODS", "Checkpoint"]
+__all__ = ["load_model", "save_quantized", "perplexity", "read_text", "token_nll", "Model", "METHODS", "Checkpoint"]
 
 
 def load_model(name_or_path: str, dtype: str = "float32", tokenizer: str | None = None,

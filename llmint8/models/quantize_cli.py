@@ -15,6 +15,7 @@ import stat
 import time
 
 from .._cli import ArgumentParser, CommandError, UsageError, check_input_file, check_output_dir
+from .._cli import add_tokenizer_argument, check_tokenizer, read_text_arg
 
 
 def _entries(folder: str) -> dict:
@@ -40,6 +41,7 @@ def _parser() -> ArgumentParser:
     p.add_argument("--format", default="llmint8", choices=["llmint8", "bitsandbytes"],
                    help="llmint8 (default: keeps known outlier columns, loads bit-identically) or "
                         "bitsandbytes (the Hugging Face + bitsandbytes 8-bit layout; Llama-family models)")
+    add_tokenizer_argument(p)
     p.add_argument("--calibration-text", default=None,
                    help="UTF-8 text whose activations fix each layer's outlier columns (default: none; "
                         "outliers are then found per call)")
@@ -62,6 +64,8 @@ def quantize_main(argv: list[str]) -> int:
         raise UsageError("--calibration-tokens must be >= 1")
     if args.calibration_text is not None:
         check_input_file(args.calibration_text, "calibration text")
+        calib_text = read_text_arg(args.calibration_text, "calibration text", args.calibration_tokens * 16)
+    check_tokenizer(args.tokenizer)
     out = check_output_dir(args.out, "--out")
     held = _entries(out)
     if "config.json" in held and not args.overwrite:
@@ -86,7 +90,7 @@ def quantize_main(argv: list[str]) -> int:
 
     t0 = time.perf_counter()
     try:
-        model = load_model(args.model)
+        model = load_model(args.model, tokenizer=args.tokenizer)
     except (FileNotFoundError, ValueError, ZooError) as e:
         raise UsageError(str(e)) from None
     if model.method != "float":
@@ -95,9 +99,7 @@ def quantize_main(argv: list[str]) -> int:
     if args.calibration_text is not None:
         if model.tokenizer is None:
             raise UsageError(f"model {args.model!r} has no tokenizer to encode the calibration text")
-        with open(args.calibration_text, encoding="utf-8", errors="replace") as f:
-            text = f.read(args.calibration_tokens * 16)
-        calib = model.tokenizer.encode(text, bos=True)[: args.calibration_tokens]
+        calib = model.tokenizer.encode(calib_text, bos=True)[: args.calibration_tokens]
         if len(calib) < 1:
             raise UsageError("the calibration text holds no tokens")
     try:
