@@ -179,7 +179,8 @@ def _run(args) -> int:
 
     t0 = time.time()
     try:
-        model = _load(args.model, args.tokenizer)
+        # one argument unless --tokenizer is given: _load(spec) is the seam tests replace
+        model = _load(args.model) if args.tokenizer is None else _load(args.model, args.tokenizer)
     except Exception as e:  # noqa: BLE001 - any loader failure becomes one line
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         hint = ""
