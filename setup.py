@@ -95,6 +95,14 @@ def _local_includes(path, seen=None):
 
 
 class BuildExt(build_ext):
+    _inplace_requested = False
+
+    def run(self):
+        # setuptools builds an in-place request into build/lib (inplace = 0 meanwhile) and
+        # copies the modules to the sources afterwards: remember what was asked for
+        self._inplace_requested = bool(self.inplace)
+        super().run()
+
     def _build_cuda(self, nvcc, gencode):
         """Compile csrc/*.cu with nvcc into build_temp (files in parallel, each one's
         architectures in parallel too); skip objects newer than every source and header
@@ -157,7 +165,7 @@ class BuildExt(build_ext):
         """Where this build writes module `name`: build_lib, and the source tree for an
         in-place or editable build."""
         paths = [self.get_ext_fullpath(name)]
-        if not self.inplace and getattr(self, "editable_mode", False):
+        if not self.inplace and (self._inplace_requested or getattr(self, "editable_mode", False)):
             self.inplace = 1
             try:
                 paths.append(self.get_ext_fullpath(name))

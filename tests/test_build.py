@@ -26,31 +26,38 @@ def _copy_sources(dst):
                     ignore=shutil.ignore_patterns("*.so", "__pycache__"))
 
 
-def _build(src, lib, env):
-    r = subprocess.run([sys.executable, "setup.py", "build_ext", "--build-lib", lib], cwd=src, env=env,
+def _build(src, env, *args):
+    r = subprocess.run([sys.executable, "setup.py", "build_ext", *args], cwd=src, env=env,
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r.stdout
 
 
-def _cuda_off_reason(lib):
+def _cuda_off_reason(where):
     code = "import llmint8._C as C; print(C.build_info().get('cuda_off'))"
-    r = subprocess.run([sys.executable, "-c", code], cwd=lib, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", code], cwd=where, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     return r.stdout.strip()
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="builds with the Linux toolchain")
 def test_second_build_follows_the_cuda_setting(tmp_path):
-    src, lib = tmp_path / "src", tmp_path / "lib"
+    src = tmp_path / "src"
     src.mkdir()
     _copy_sources(src)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LLMINT8_", "CUDA_"))}
-    _build(src, str(lib), dict(env, LLMINT8_CUDA="0"))
-    assert _cuda_off_reason(lib) == "LLMINT8_CUDA=0"
+    cuda_name = "_cuda" + sysconfig.get_config_var("EXT_SUFFIX")
 
-    # what an earlier CUDA build leaves in build/lib
-    stale = lib / "llmint8" / ("_cuda" + sysconfig.get_config_var("EXT_SUFFIX"))
+    # an in-place CPU-only build where an earlier CUDA build left its module beside the sources
+    stale_src = src / "llmint8" / cuda_name
+    stale_src.write_bytes(b"not a module")
+    _build(src, dict(env, LLMINT8_CUDA="0"), "--inplace")
+    assert not stale_src.exists(), "an in-place CPU-only build left an earlier build's _cuda module"
+    assert _cuda_off_reason(src) == "LLMINT8_CUDA=0"
+
+    # build/lib, which the next `pip install .` reuses, with what an earlier CUDA build leaves there
+    (lib,) = (src / "build").glob("lib*")
+    stale = lib / "llmint8" / cuda_name
     stale.write_bytes(b"not a module")
 
     # a CUDA toolkit whose nvcc fails: this build is CPU-only for another reason
@@ -65,7 +72,7 @@ def test_second_build_follows_the_cuda_setting(tmp_path):
         exit 1
         """))
     nvcc.chmod(0o755)
-    _build(src, str(lib), dict(env, CUDA_HOME=str(fake)))
+    _build(src, dict(env, CUDA_HOME=str(fake)))
     assert not stale.exists(), "a CPU-only build left an earlier build's _cuda module in the build output"
     assert _cuda_off_reason(lib) == "the CUDA backend failed to build (see the build log)", \
         "_C was not rebuilt for the new CUDA setting"
