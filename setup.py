@@ -95,6 +95,14 @@ def _local_includes(path, seen=None):
 
 
 class BuildExt(build_ext):
+    _inplace_requested = False
+
+    def run(self):
+        # setuptools builds an in-place request into build/lib (inplace = 0 meanwhile) and
+        # copies the modules to the sources afterwards: remember what was asked for
+        self._inplace_requested = bool(self.inplace)
+        super().run()
+
     def _build_cuda(self, nvcc, gencode):
         """Compile csrc/*.cu with nvcc into build_temp (files in parallel, each one's
         architectures in parallel too); skip objects newer than every source and header
@@ -145,9 +153,44 @@ class BuildExt(build_ext):
         """Build without llmint8._cuda; _C records why (build_info()["cuda_off"])."""
         c_ext.define_macros.append(("LLMINT8_CUDA_OFF", '"%s"' % reason.replace('"', "'")))
         self.extensions = [e for e in self.extensions if e.name != "llmint8._cuda"]
-        stale = self.get_ext_fullpath("llmint8._cuda")
-        if self.inplace and os.path.exists(stale):  # an earlier in-place build's module must not load
-            os.remove(stale)
+        self._config = "cpu only: " + reason
+        # an earlier CUDA build's module must neither load (in-place and editable builds
+        # put it beside the sources) nor ship in this wheel (build/lib is reused)
+        for stale in self._outputs("llmint8._cuda"):
+            if os.path.exists(stale):
+                print(f"llmint8: removing {stale} (a CUDA build's module; this build is CPU-only)")
+                os.remove(stale)
+
+    def _outputs(self, name):
+        """Where this build writes module `name`: build_lib, and the source tree for an
+        in-place or editable build."""
+        paths = [self.get_ext_fullpath(name)]
+        if not self.inplace and (self._inplace_requested or getattr(self, "editable_mode", False)):
+            self.inplace = 1
+            try:
+                paths.append(self.get_ext_fullpath(name))
+            finally:
+                self.inplace = 0
+        return paths
+
+    def _rebuild_on_config_change(self):
+        """setuptools rebuilds a module only when a source is newer than it, but _C is
+        compiled differently with and without CUDA (LLMINT8_CUDA_OFF): a build whose CUDA
+        setting differs from the last one into the same output rebuilds everything.
+        Returns the stamp to write once the build succeeded."""
+        out = self.get_ext_fullpath("llmint8._C")
+        key = re.sub(r"[^A-Za-z0-9]+", "_", os.path.abspath(out))[-120:]
+        stamp = os.path.join(self.build_temp, f"config-{key}.txt")
+        try:
+            with open(stamp, encoding="utf-8") as f:
+                same = f.read() == self._config
+        except OSError:
+            same = False
+        if not same and not self.force:
+            if os.path.exists(out):
+                print(f"llmint8: build configuration changed ({self._config}): rebuilding")
+            self.force = True
+        return stamp
 
     def _setup_cuda(self, c_ext, cuda_ext):
         """Configure llmint8._cuda, or drop it (and say why) when CUDA is off or unavailable."""
@@ -179,6 +222,7 @@ class BuildExt(build_ext):
         cuda_ext.runtime_library_dirs.append(lib)  # rpath: libcudart loads without a GPU; the driver at run time
         cuda_ext.libraries.extend(["cublasLt", "cudart", "stdc++"])
         cuda_ext.define_macros.extend([("LLMINT8_CUDA", "1"), ("LLMINT8_CUDA_ARCHS", f'"{arch_names}"')])
+        self._config = f"cuda: {nvcc} {arch_names}"
 
     def build_extensions(self):
         by_name = {e.name: e for e in self.extensions}
@@ -186,7 +230,11 @@ class BuildExt(build_ext):
         c_ext = by_name["llmint8._C"]  # the CPU backend's thread pool (csrc/core/threadpool.c)
         c_ext.extra_compile_args.append("-pthread")
         c_ext.extra_link_args.append("-pthread")
+        stamp = self._rebuild_on_config_change()
         super().build_extensions()
+        os.makedirs(os.path.dirname(stamp), exist_ok=True)
+        with open(stamp, "w", encoding="utf-8") as f:
+            f.write(self._config)
 
     def build_extension(self, ext):
         # each module's objects in a folder of its own: both compile some of the same

@@ -29,12 +29,17 @@ def main(argv=None):
     from ._version import __version__
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("-h", "--help", "help"):
-        print(__doc__)
-        return 0
-    if argv and argv[0] in ("-V", "--version", "version"):
-        print(f"llmint8 {__version__}")
-        return 0
+    try:
+        if argv and argv[0] in ("-h", "--help", "help"):
+            print(__doc__)
+            sys.stdout.flush()
+            return 0
+        if argv and argv[0] in ("-V", "--version", "version"):
+            print(f"llmint8 {__version__}")
+            sys.stdout.flush()
+            return 0
+    except BrokenPipeError:
+        return _cli.broken_pipe_exit()
     cmd = argv[0] if argv and not argv[0].startswith("-") else "demo"
     rest = argv[1:] if argv and argv[0] == cmd else argv
     if cmd not in COMMANDS:

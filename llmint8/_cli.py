@@ -6,6 +6,8 @@ Every subcommand is a function ``main(argv: list[str]) -> int`` wrapped by :func
 - exit 2: a usage error, found before any work starts: an unknown option or value, a number out
   of range, an input file that is missing or not a regular file, an output path that cannot be
   written (raise :class:`UsageError`, or let :class:`ArgumentParser` do it);
+- exit 141 and no message: stdout's reader went away (``python -m llmint8 demo | head``), as for
+  any Unix tool killed by SIGPIPE;
 - exit 1: a failure while running: a model that does not load, a missing optional dependency,
   a computation that raises (raise :class:`CommandError`; any other exception is reported the
   same way, as one line, without a traceback).
@@ -26,8 +28,9 @@ import os
 import sys
 from typing import Callable, Sequence
 
-__all__ = ["UsageError", "CommandError", "ArgumentParser", "run_command", "require_module",
-           "check_input_file", "check_output_file", "check_output_dir", "positive_int"]
+__all__ = ["UsageError", "CommandError", "ArgumentParser", "run_command", "broken_pipe_exit", "require_module",
+           "check_input_file", "check_output_file", "check_output_dir", "positive_int",
+           "add_tokenizer_argument", "check_tokenizer", "read_text_arg"]
 
 
 class CommandError(Exception):
@@ -65,7 +68,10 @@ def run_command(prog: str, fn: Callable[[list], int], argv: Sequence[str]) -> in
     (see the module docstring). ``prog`` names the command in the messages."""
     try:
         rc = fn(list(argv))
+        sys.stdout.flush()  # a reader that went away shows here, not at interpreter exit
         return 0 if rc is None else int(rc)
+    except BrokenPipeError:
+        return broken_pipe_exit()
     except SystemExit as e:  # argparse's --help / --version, or a deliberate exit
         code = e.code
         return code if isinstance(code, int) else (0 if code is None else 1)
@@ -80,6 +86,24 @@ def run_command(prog: str, fn: Callable[[list], int], argv: Sequence[str]) -> in
             raise
         print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
         return 1
+
+
+#: The exit code of a command whose output reader went away (``... | head``): that of a
+#: process killed by SIGPIPE, as ``seq 1000000 | head`` reports under ``set -o pipefail``.
+BROKEN_PIPE_EXIT = 128 + 13
+
+
+def broken_pipe_exit() -> int:
+    """Quiet end of a command whose stdout reader has gone: no message (the user closed
+    the pipe on purpose), stdout pointed at /dev/null so that Python's flush at exit does
+    not fail again; returns :data:`BROKEN_PIPE_EXIT`."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # stdout replaced by an object without a descriptor
+        pass
+    return BROKEN_PIPE_EXIT
 
 
 def require_module(module: str, extra: str, purpose: str) -> None:
@@ -145,6 +169,34 @@ def check_output_dir(path: str, what: str = "output folder") -> str:
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UsageError(f"{what} {path!r} cannot be created: {parent!r} is not writable")
     return path
+
+
+def add_tokenizer_argument(p: argparse.ArgumentParser) -> None:
+    """The ``--tokenizer PATH`` option of the commands that load a model (passed to
+    :func:`llmint8.models.load_model`, which it hands to ``load_tokenizer``)."""
+    p.add_argument("--tokenizer", default=None, metavar="PATH",
+                   help="tokenizer to use instead of the one found beside the model: a llama2.c "
+                        "tokenizer .bin, a tokenizer.json, a Hugging Face tokenizer folder or a .gguf file")
+
+
+def check_tokenizer(path: str | None) -> str | None:
+    """``--tokenizer``'s value checked before any work: an existing file or folder."""
+    if path is not None and not os.path.exists(path):
+        raise UsageError(f"--tokenizer {path!r} does not exist")
+    return path
+
+
+def read_text_arg(path: str, what: str, max_chars: int | None = None) -> str:
+    """The UTF-8 text of an input file option (``--text``, ``--calibration-text``), read with
+    :func:`llmint8.models.perplexity.read_text`: a binary or non-UTF-8 file is a
+    :class:`UsageError` naming it, never scored as replacement characters."""
+    from .models.perplexity import read_text
+
+    check_input_file(path, what)
+    try:
+        return read_text(path, max_chars)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{what}: {e}") from None
 
 
 def positive_int(s: str) -> int:

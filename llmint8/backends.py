@@ -32,9 +32,17 @@ def resolve_device(device):
 def build_info():
     """How the extensions were built and what they run: CPU threads, the compiler, the CPU GEMM
     kernel in use (``cpu_kernel``) and those available (``cpu_kernels``), and CUDA:
-    ``cuda`` is True when the CUDA backend was built and loads (then ``cuda_version`` and
-    ``cuda_archs`` say what it was compiled with and for); otherwise ``cuda_off`` says why
-    ("LLMINT8_CUDA=0", "nvcc not found", or the error that kept llmint8._cuda from loading).
+
+    * ``cuda``: True when the CUDA backend was built and loads; otherwise ``cuda_off`` says why
+      ("LLMINT8_CUDA=0", "nvcc not found", or the error that kept llmint8._cuda from loading).
+    * where it loads: ``cuda_version`` and ``cuda_archs`` (the toolkit it was compiled with and
+      the GPUs it carries code for), ``cuda_runtime_version`` (the libcudart it loaded) and
+      ``cuda_driver_version`` (the CUDA version the installed driver supports; (0, 0) without a
+      driver), and ``cuda_usable``: whether a GPU can run it here (:func:`cuda_available`).
+      When it cannot, ``cuda_unusable_reason`` gives the error of the first CUDA call (such as
+      "CUDA driver version is insufficient for CUDA runtime version": a driver older than the
+      runtime) or "no CUDA device found".
+
     Loads llmint8._cuda where it was built."""
     from . import cuda
 
@@ -44,6 +52,14 @@ def build_info():
     info["cuda"] = m is not None
     if m is not None:
         info.update(m.build_info())
+        reason = cuda.unavailable_reason()
+        info["cuda_usable"] = reason is None
+        if reason is not None:
+            drv, rt = info.get("cuda_driver_version"), info.get("cuda_runtime_version")
+            if drv and rt and tuple(drv) < tuple(rt):  # name the versions: the usual cause
+                reason += (f" (driver supports CUDA {drv[0]}.{drv[1]}, runtime is {rt[0]}.{rt[1]}; "
+                           f"update the NVIDIA driver)" if drv != (0, 0) else " (no NVIDIA driver found)")
+            info["cuda_unusable_reason"] = reason
     elif built:
         info["cuda_off"] = cuda._load_error()
     return info

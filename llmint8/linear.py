@@ -6,13 +6,19 @@ float-weight constructor, (..., in_features) inputs, copies of the held weights,
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any, Mapping, Optional
+
 import numpy as np
+import numpy.typing as npt
 
 from . import _C
 from .backends import resolve_device
 from .cuda import is_device_array
 
 __all__ = ["Int8Linear"]
+
+#: What ``out_dtype`` accepts: anything ``np.dtype`` turns into float16 or float32, or None.
+DTypeLike = Optional[npt.DTypeLike]
 
 
 def _rebuild(cls, weight_int8, weight_scale, outlier_columns, outlier_weight, bias, threshold, device):
@@ -52,7 +58,8 @@ class Int8Linear(_C.Int8Linear):
     __slots__ = ()
 
     @classmethod
-    def from_float(cls, weight, bias=None, threshold=6.0, outlier_columns=None, device=None):
+    def from_float(cls, weight: npt.ArrayLike, bias: Optional[npt.ArrayLike] = None, threshold: float = 6.0,
+                   outlier_columns: Optional[npt.ArrayLike] = None, device: Optional[str] = None) -> "Int8Linear":
         """Quantize a float weight into an Int8Linear.
 
         weight: (out_features, in_features) float16/float32, as in nn.Linear.
@@ -66,14 +73,17 @@ class Int8Linear(_C.Int8Linear):
         device: "cpu", "cuda", "cuda:N", or None for the best available.
         """
         device = resolve_device(device)
-        cols = [] if outlier_columns is None else outlier_columns
+        cols: Any = [] if outlier_columns is None else outlier_columns
         wq, ws, wo = _C.quantize_weight(weight, cols)  # validates cols; wo follows np.unique(cols)
         cols = np.unique(np.asarray(cols)).astype(np.int64) if wo.shape[1] else []
         return cls(wq, ws, cols, wo, bias, threshold, device)
 
-    def __call__(self, x):
-        """y = layer(x) for x (..., in_features) float16/float32; y (..., out_features), x's dtype.
+    def __call__(self, x: Any, out_dtype: DTypeLike = None) -> Any:
+        """y = layer(x) for x (..., in_features) float16/float32; y (..., out_features).
 
+        out_dtype: float16 or float32 (default: x's dtype), as :meth:`forward` takes it.
+        x of another dtype raises TypeError, float64 (NumPy's default) included: the message
+        gives the cast (``x.astype(np.float32)``); llmint8 never casts silently.
         NumPy (or array-like) in gives NumPy out. On a CUDA layer a device array (DeviceArray,
         or a CuPy / JAX / PyTorch CUDA array) gives a DeviceArray out, without a host round trip.
         """
@@ -89,46 +99,58 @@ class Int8Linear(_C.Int8Linear):
             raise ValueError(f"x must have shape (..., {self.in_features}) for this layer, got {tuple(x.shape)}")
         lead = tuple(x.shape[:-1])
         if len(x.shape) == 2:
-            return self.forward(x)
-        y = self.forward(x.reshape(-1, self.in_features))
+            return self.forward(x, out_dtype)
+        y = self.forward(x.reshape(-1, self.in_features), out_dtype)
         return y.reshape(*lead, self.out_features)
+
+    if TYPE_CHECKING:  # what the C base type defines, for type checkers (inspect reads its docstrings)
+        in_features: int
+        out_features: int
+        threshold: float
+        device: str
+        has_bias: bool
+        nbytes: int
+        outlier_columns: np.ndarray
+
+        def forward(self, x: Any, out_dtype: DTypeLike = None) -> Any:
+            """y = x @ weight.T + bias for x (m, in_features); see the C docstring."""
 
     # ---- copies of what the layer holds
     @property
-    def weight_int8(self):
+    def weight_int8(self) -> np.ndarray:
         """(out, in) int8 copy of the quantized weight (known outlier columns are 0)."""
         return self._export()[0]
 
     @property
-    def weight_scale(self):
+    def weight_scale(self) -> np.ndarray:
         """(out,) float32 copy of the weight's row scales: absmax over non-outlier columns."""
         return self._export()[1]
 
     @property
-    def outlier_weight(self):
+    def outlier_weight(self) -> np.ndarray:
         """(out, len(outlier_columns)) float16 copy of the known outlier weight columns."""
         return self._export()[2]
 
     @property
-    def bias(self):
+    def bias(self) -> Optional[np.ndarray]:
         """(out,) float32 copy of the bias, or None."""
         return self._export()[3]
 
-    def dequantized_weight(self):
+    def dequantized_weight(self) -> np.ndarray:
         """(out, in) float32: the weight as the layer sees it (int8 dequantized, fp16 outlier columns)."""
         wq, ws, wo, _ = self._export()
         w = wq.astype(np.float32) * (ws / np.float32(127.0))[:, None]
         w[:, self.outlier_columns] = wo.astype(np.float32)
         return w
 
-    def to(self, device):
+    def to(self, device: str) -> "Int8Linear":
         """A copy of this layer on another device ("cpu", "cuda", "cuda:N")."""
         device = resolve_device(device)
         wq, ws, wo, b = self._export()
         return type(self)(wq, ws, self.outlier_columns, wo, b, self.threshold, device)
 
     # ---- plain arrays and back
-    def to_dict(self):
+    def to_dict(self) -> dict[str, np.ndarray]:
         """The layer as a dict of NumPy arrays (copies), enough to rebuild it exactly:
 
         ``weight_int8`` (out, in) int8 (known outlier columns are 0), ``weight_scale`` (out,)
@@ -144,7 +166,7 @@ class Int8Linear(_C.Int8Linear):
         return d
 
     @classmethod
-    def from_dict(cls, d, device=None):
+    def from_dict(cls, d: Mapping[str, Any], device: Optional[str] = None) -> "Int8Linear":
         """Rebuild a layer from :meth:`to_dict`'s arrays (missing ``bias`` = no bias, missing
         ``threshold`` = 6.0). The arrays are copied into the layer's own layout, so ``d`` may
         hold memory-mapped arrays. ``outlier_columns`` must be strictly increasing (as
@@ -170,7 +192,7 @@ class Int8Linear(_C.Int8Linear):
         wq, ws, wo, b = self._export()
         return (_rebuild, (type(self), wq, ws, self.outlier_columns, wo, b, self.threshold, self.device))
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (f"Int8Linear(in_features={self.in_features}, out_features={self.out_features}, "
                 f"threshold={self.threshold:g}, outlier_columns={len(self.outlier_columns)}, "
                 f"bias={self.has_bias}, device='{self.device}', "

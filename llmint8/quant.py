@@ -11,7 +11,10 @@ NumPy in, NumPy out, on the CPU. Conventions (the paper's, and bitsandbytes'):
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
+import numpy.typing as npt
 
 from . import _C
 
@@ -26,7 +29,7 @@ METHODS = ("fp16", "absmax", "zeropoint", "rowwise", "vectorwise", "llm.int8")
 _INV127SQ = 1.0 / (127.0 * 127.0)
 
 
-def quantize_absmax(x):
+def quantize_absmax(x: npt.ArrayLike) -> tuple[np.ndarray, np.float32]:
     """Per-tensor absmax quantization.
 
     x: float16 or float32 array, any shape with ndim >= 1.
@@ -37,7 +40,8 @@ def quantize_absmax(x):
     return q, np.float32(s)
 
 
-def quantize_rowwise(x, skip_columns=None):
+def quantize_rowwise(x: npt.ArrayLike, skip_columns: Optional[npt.ArrayLike] = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
     """Vector-wise (row-wise) quantization: one absmax scale per row.
 
     x: float16 or float32, (rows, k) or (k,) (one row).
@@ -48,7 +52,7 @@ def quantize_rowwise(x, skip_columns=None):
     return _C.quantize_rowwise(x, skip_columns)
 
 
-def quantize_zeropoint(x):
+def quantize_zeropoint(x: npt.ArrayLike) -> tuple[np.ndarray, np.float32, int]:
     """Asymmetric per-tensor quantization over the full int8 range.
 
     x: float16 or float32 array, ndim >= 1.
@@ -59,7 +63,7 @@ def quantize_zeropoint(x):
     return q, np.float32(s), int(zp)
 
 
-def dequantize(q, scale, zeropoint=None):
+def dequantize(q: npt.ArrayLike, scale: npt.ArrayLike, zeropoint: Optional[int] = None) -> np.ndarray:
     """Inverse of each quantizer, as float32.
 
     * ``dequantize(q, absmax)`` inverts ``quantize_absmax``: ``q * absmax / 127``.
@@ -99,7 +103,7 @@ def dequantize(q, scale, zeropoint=None):
     return q.astype(np.float32) * col
 
 
-def find_outlier_columns(x, threshold=6.0):
+def find_outlier_columns(x: npt.ArrayLike, threshold: float = 6.0) -> np.ndarray:
     """Sorted int32 indices of the columns of x with any ``|x| >= threshold``.
 
     x: float16 or float32, (m, k) or (k,). threshold: >= 0; 0 turns decomposition off
@@ -108,7 +112,7 @@ def find_outlier_columns(x, threshold=6.0):
     return _C.find_outlier_columns(x, threshold)
 
 
-def int8_matmul(a, b, kernel=None):
+def int8_matmul(a: npt.ArrayLike, b: npt.ArrayLike, kernel: Optional[str] = None) -> np.ndarray:
     """Exact int8 GEMM: a (m, k) int8 and b (n, k) int8 give ``a @ b.T`` as int32 (m, n).
 
     kernel: the CPU kernel, one of ``llmint8.cpu_kernels()`` ("portable", "avx2", "avxvnni",
@@ -117,21 +121,28 @@ def int8_matmul(a, b, kernel=None):
     return _C.int8_matmul(a, b, kernel=kernel)
 
 
-def relative_error(y, ref):
+def relative_error(y: npt.ArrayLike, ref: npt.ArrayLike) -> float:
     """Mean absolute error over mean absolute reference: ``mean|y - ref| / mean|ref|``.
 
     The error measure used across llmint8's tests, demo and benchmarks (computed in float64).
+    y and ref must have the same shape (ValueError otherwise: broadcasting (3, 1) against
+    (3,) would compare every element with every other).
     """
     y = np.asarray(y, dtype=np.float64)
     ref = np.asarray(ref, dtype=np.float64)
+    if y.shape != ref.shape:
+        raise ValueError(f"relative_error: y has shape {y.shape} and ref has shape {ref.shape}; "
+                         f"expected the same shape")
     denom = np.mean(np.abs(ref))
     return float(np.mean(np.abs(y - ref)) / denom) if denom > 0 else float(np.mean(np.abs(y)))
 
 
-def _float2d(a, name):
+def _float2d(a: npt.ArrayLike, name: str) -> np.ndarray:
     arr = np.asarray(a)
     if arr.dtype not in (np.float16, np.float32):
-        raise TypeError(f"{name} must be float16 or float32, got {arr.dtype}")
+        cast = (f"; convert it with {name}.astype(np.float32) (llmint8 computes in float16/float32 and never "
+                f"casts silently)" if arr.dtype.kind in "fiu" else "")
+        raise TypeError(f"{name} must be float16 or float32, got {arr.dtype}{cast}")
     if arr.ndim != 2:
         raise ValueError(f"{name} must be 2-D, got shape {arr.shape}")
     if not np.all(np.isfinite(arr)):
@@ -139,7 +150,7 @@ def _float2d(a, name):
     return arr
 
 
-def matmul(x, w, method="llm.int8", threshold=6.0):
+def matmul(x: npt.ArrayLike, w: npt.ArrayLike, method: str = "llm.int8", threshold: float = 6.0) -> np.ndarray:
     """y = x @ w.T by one of the paper's methods, as float32 (m, n).
 
     x: (m, k) float16/float32 activations; w: (n, k) float16/float32 weight (nn.Linear layout).
@@ -169,10 +180,10 @@ def matmul(x, w, method="llm.int8", threshold=6.0):
         c = int8_matmul(qx, qw)
         return (c * (np.float64(sx) * np.float64(sw) * _INV127SQ)).astype(np.float32)
     if method == "rowwise":
-        qx, sx = quantize_rowwise(x)
+        qx, sx_rows = quantize_rowwise(x)
         qw, sw = quantize_absmax(w)
         c = int8_matmul(qx, qw)
-        return (c * (sx.astype(np.float64)[:, None] * (np.float64(sw) * _INV127SQ))).astype(np.float32)
+        return (c * (sx_rows.astype(np.float64)[:, None] * (np.float64(sw) * _INV127SQ))).astype(np.float32)
     if method == "zeropoint":
         qx, sx, zx = quantize_zeropoint(x)
         qw, sw, zw = quantize_zeropoint(w)

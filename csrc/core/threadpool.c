@@ -16,6 +16,7 @@
 #include "threadpool.h"
 
 #include <stdlib.h>
+#include <time.h>
 
 #if defined(__unix__) || defined(__APPLE__)
 #define L8_HAVE_PTHREADS 1
@@ -48,12 +49,78 @@ static int read_default_threads(void) {
     return 1;
 }
 
+/* ------------------------------------------------------------------ interruption */
+static _Thread_local l8_interrupt_scope *current_scope;
+
+static int64_t now_ns(void) {
+#if defined(L8_HAVE_PTHREADS)
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+#else
+    return (int64_t)((double)clock() * (1e9 / CLOCKS_PER_SEC));
+#endif
+}
+
+void l8_interrupt_push(l8_interrupt_scope *s, l8_interrupt_fn check, void *arg) {
+    s->check = check;
+    s->arg = arg;
+    s->next_ns = now_ns() + L8_INTERRUPT_INTERVAL_NS;
+    s->stopped = 0;
+    s->prev = current_scope;
+    current_scope = s;
+}
+
+int l8_interrupt_pop(l8_interrupt_scope *s) {
+    current_scope = s->prev;
+    return s->stopped;
+}
+
+/* How often a loop reads the clock: after every chunk at first; while chunks take
+ * less than TICK_MIN_NS, after twice as many, so that tiny chunks (a short row) do not
+ * pay a clock read each. */
+#define TICK_MIN_NS 200000
+typedef struct {
+    int64_t every, left, last_ns;
+} ticker;
+
+static ticker ticker_start(void) { return (ticker){1, 1, now_ns()}; }
+
+/* After a chunk: 1 when the scope is (now) interrupted. */
+static int tick(l8_interrupt_scope *s, ticker *tk) {
+    if (s->stopped) return 1;
+    if (--tk->left > 0) return 0;
+    const int64_t t = now_ns();
+    if (t - tk->last_ns < TICK_MIN_NS && tk->every < ((int64_t)1 << 20)) tk->every *= 2;
+    tk->left = tk->every;
+    tk->last_ns = t;
+    if (t < s->next_ns) return 0;
+    if (s->check(s->arg)) s->stopped = 1;
+    s->next_ns = now_ns() + L8_INTERRUPT_INTERVAL_NS; /* after the check: it may have waited for a lock */
+    return s->stopped;
+}
+
+/* The loop on the calling thread alone, in chunks when a scope is open. */
+static void run_alone(int64_t n, int64_t grain, l8_range_fn fn, void *ctx, l8_interrupt_scope *s) {
+    if (!s) {
+        fn(ctx, 0, n);
+        return;
+    }
+    ticker tk = ticker_start();
+    for (int64_t b = 0; b < n; b += grain) {
+        fn(ctx, b, b + grain < n ? b + grain : n);
+        if (tick(s, &tk)) return;
+    }
+}
+
 #ifndef L8_HAVE_PTHREADS
 int l8_default_threads(void) { return read_default_threads(); }
 
 void l8_parallel_for(int64_t n, int64_t grain, int nthreads, l8_range_fn fn, void *ctx) {
-    (void)grain; (void)nthreads;
-    if (n > 0) fn(ctx, 0, n);
+    (void)nthreads;
+    l8_interrupt_scope *const s = current_scope;
+    if (n <= 0 || (s && s->stopped)) return;
+    run_alone(n, grain < 1 ? 1 : grain, fn, ctx, s);
 }
 #else
 
@@ -108,18 +175,18 @@ static inline void cpu_relax(void) {
 #endif
 }
 
-static int64_t now_ns(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
-}
-
-/* Take and run chunks of the current job until none is left. */
-static void run_chunks(l8_range_fn fn, void *ctx, int64_t n, int64_t grain) {
+/* Take and run chunks of the current job until none is left. The caller passes its
+ * interruption scope (workers NULL): once it is interrupted, no one takes a chunk more. */
+static void run_chunks(l8_range_fn fn, void *ctx, int64_t n, int64_t grain, l8_interrupt_scope *s) {
+    ticker tk = ticker_start();
     for (;;) {
         const int64_t b = atomic_fetch_add_explicit(&P.next, grain, memory_order_relaxed);
         if (b >= n) return;
         fn(ctx, b, b + grain < n ? b + grain : n);
+        if (s && tick(s, &tk)) {
+            atomic_store_explicit(&P.next, n, memory_order_relaxed); /* every later claim finds none */
+            return;
+        }
     }
 }
 
@@ -155,7 +222,7 @@ static void *worker_main(void *arg) {
         const int64_t n = P.n, grain = P.grain;
         pthread_mutex_unlock(&P.m);
 
-        run_chunks(fn, ctx, n, grain);
+        run_chunks(fn, ctx, n, grain, NULL);
 
         pthread_mutex_lock(&P.m);
         /* release: the caller that sees busy == 0 also sees this worker's outputs */
@@ -210,11 +277,12 @@ static void grow(int want) {
 }
 
 void l8_parallel_for(int64_t n, int64_t grain, int nthreads, l8_range_fn fn, void *ctx) {
-    if (n <= 0) return;
+    l8_interrupt_scope *const s = current_scope;
+    if (n <= 0 || (s && s->stopped)) return;
     if (grain < 1) grain = 1;
     if (nthreads > L8_POOL_MAX_THREADS) nthreads = L8_POOL_MAX_THREADS;
     if (nthreads <= 1 || n <= grain || pthread_mutex_trylock(&P.job_lock) != 0) {
-        fn(ctx, 0, n);
+        run_alone(n, grain, fn, ctx, s);
         return;
     }
     const int64_t chunks = (n + grain - 1) / grain;
@@ -236,7 +304,7 @@ void l8_parallel_for(int64_t n, int64_t grain, int nthreads, l8_range_fn fn, voi
     for (int i = 0; i < helpers && i < P.sleepers; i++) pthread_cond_signal(&P.wake);
     pthread_mutex_unlock(&P.m);
 
-    run_chunks(fn, ctx, n, grain);
+    run_chunks(fn, ctx, n, grain, s);
 
     pthread_mutex_lock(&P.m);
     P.closed = 1;

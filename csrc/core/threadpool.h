@@ -34,6 +34,36 @@ typedef void (*l8_range_fn)(void *ctx, int64_t begin, int64_t end);
  * are started on first use; if the OS refuses a thread, the loop uses fewer. */
 void l8_parallel_for(int64_t n, int64_t grain, int nthreads, l8_range_fn fn, void *ctx);
 
+/* ---- interruption
+ * Long work started from Python must notice Ctrl-C. The caller of that work (the Python
+ * binding, which alone knows how to look for a pending signal) opens a scope on its
+ * thread with a check function; the core stays free of Python. While the scope is open,
+ * every l8_parallel_for on that thread runs in chunks (on the caller alone too), and
+ * between its own chunks the calling thread calls check(arg) about every
+ * L8_INTERRUPT_INTERVAL_NS. When check returns nonzero no further chunk is started (the
+ * workers finish the chunk they hold), and every later loop in the scope returns at
+ * once: the outputs are then incomplete and the caller must discard them. Chunks write
+ * disjoint outputs, so an uninterrupted call computes exactly what it did before.
+ * Scopes nest (a signal handler may call back into llmint8). */
+typedef int (*l8_interrupt_fn)(void *arg);
+
+typedef struct l8_interrupt_scope {
+    l8_interrupt_fn check;
+    void *arg;
+    int64_t next_ns;                  /* when the next check is due (monotonic clock) */
+    int stopped;                      /* check returned nonzero */
+    struct l8_interrupt_scope *prev;  /* the enclosing scope of this thread */
+} l8_interrupt_scope;
+
+#ifndef L8_INTERRUPT_INTERVAL_NS
+#define L8_INTERRUPT_INTERVAL_NS 50000000 /* 50 ms: Ctrl-C felt at once, a negligible cost */
+#endif
+
+/* Open a scope on the calling thread (s lives until the matching pop). */
+void l8_interrupt_push(l8_interrupt_scope *s, l8_interrupt_fn check, void *arg);
+/* Close it; returns 1 when the work in it was interrupted. */
+int l8_interrupt_pop(l8_interrupt_scope *s);
+
 /* Threads worth using for `work` units when each thread should get at least
  * `min_work` of them (the break-even of a parallel region, measured per loop in
  * benchmarks/bench_contention.py): min(nthreads, work / min_work), at least 1. */

@@ -52,6 +52,9 @@ void shape_str(PyArrayObject *a, char *buf, size_t n) {
 
 PyObject *dtype_name(PyArrayObject *a) { return PyObject_Str((PyObject *)PyArray_DESCR(a)); }
 
+const int FLOAT_TYPES[] = {NPY_HALF, NPY_FLOAT, -1};
+const int INT8_TYPES[] = {NPY_INT8, -1};
+
 /* obj as a C-contiguous, aligned, native-order array of one of the allowed types
  * (new reference; a copy only where obj is not one already). `allowed` lists type
  * numbers ending with -1; `want` is the type to convert to, or -1 to keep obj's. */
@@ -63,7 +66,13 @@ PyArrayObject *as_array(PyObject *obj, const char *name, const int *allowed, con
     for (const int *t = allowed; *t >= 0; t++) ok |= *t == tn;
     if (!ok) {
         PyObject *d = dtype_name(a0);
-        PyErr_Format(PyExc_TypeError, "%s must be %s, got %S", name, expected, d);
+        if (want < 0 && allowed == FLOAT_TYPES && (PyArray_ISFLOAT(a0) || PyArray_ISINTEGER(a0)))
+            /* float64 is NumPy's default: say how to convert, and why there is no silent cast */
+            PyErr_Format(PyExc_TypeError,
+                         "%s must be %s, got %S; convert it with %s.astype(np.float32) (llmint8 computes in "
+                         "float16/float32 and never casts silently)", name, expected, d, name);
+        else
+            PyErr_Format(PyExc_TypeError, "%s must be %s, got %S", name, expected, d);
         Py_XDECREF(d);
         Py_DECREF(a0);
         return NULL;
@@ -86,8 +95,6 @@ PyArrayObject *as_array(PyObject *obj, const char *name, const int *allowed, con
     return a;
 }
 
-const int FLOAT_TYPES[] = {NPY_HALF, NPY_FLOAT, -1};
-const int INT8_TYPES[] = {NPY_INT8, -1};
 
 PyArrayObject *as_float(PyObject *obj, const char *name, int min_nd, int max_nd) {
     return as_array(obj, name, FLOAT_TYPES, "float16 or float32", -1, min_nd, max_nd);

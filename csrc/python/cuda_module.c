@@ -378,13 +378,22 @@ static PyObject *py_is_device_array(PyObject *mod, PyObject *x) {
 }
 
 PyDoc_STRVAR(build_info_doc,
-"build_info() -> dict: the CUDA toolkit this module was compiled with (cuda_version) and the\n"
-"GPU architectures it carries code for (cuda_archs).");
+"build_info() -> dict: the CUDA toolkit this module was compiled with (cuda_version), the\n"
+"GPU architectures it carries code for (cuda_archs), the CUDA runtime it loaded\n"
+"(cuda_runtime_version) and the driver's CUDA version (cuda_driver_version, (0, 0) when no\n"
+"driver is installed): a driver older than the runtime cannot run it.");
 
 static PyObject *py_build_info(PyObject *mod, PyObject *unused) {
     (void)mod; (void)unused;
-    return Py_BuildValue("{s:(ii),s:s}", "cuda_version", CUDART_VERSION / 1000, CUDART_VERSION % 1000 / 10,
-                         "cuda_archs", LLMINT8_CUDA_ARCHS);
+    int rt = 0, drv = 0;
+    Py_BEGIN_ALLOW_THREADS
+    if (cudaRuntimeGetVersion(&rt) != cudaSuccess) rt = 0;
+    if (cudaDriverGetVersion(&drv) != cudaSuccess) drv = 0; /* 0: no driver (libcuda) found */
+    (void)cudaGetLastError();
+    Py_END_ALLOW_THREADS
+    return Py_BuildValue("{s:(ii),s:s,s:(ii),s:(ii)}", "cuda_version", CUDART_VERSION / 1000,
+                         CUDART_VERSION % 1000 / 10, "cuda_archs", LLMINT8_CUDA_ARCHS, "cuda_runtime_version",
+                         rt / 1000, rt % 1000 / 10, "cuda_driver_version", drv / 1000, drv % 1000 / 10);
 }
 
 /* ---------------------------------------------------------------- CUDA graphs (tests) */

@@ -225,7 +225,7 @@ static void linear_dealloc(PyObject *op) {
 }
 
 PyDoc_STRVAR(linear_forward_doc,
-"forward(x, out_dtype=None) -> array\n\n"
+"forward($self, x, out_dtype=None)\n--\n\n"
 "y = x @ weight.T + bias by LLM.int8() for x (m, in_features) float16/float32.\n"
 "Returns (m, out_features) in out_dtype (float16 or float32; default x's dtype).\n"
 "The outlier product keeps x's precision: fp16 operands for float16 x, x in float32\n"
@@ -276,10 +276,11 @@ static PyObject *linear_forward(PyObject *op, PyObject *args, PyObject *kw) {
     const int nt = num_threads(PyModule_GetState(self->module));
     l8_status s = {0};
     int rc;
-    Py_BEGIN_ALLOW_THREADS
+    l8_nogil g;
+    l8_nogil_begin(&g);
     rc = L->backend->forward_host(L, PyArray_DATA(x), l8_type_of(x), m, PyArray_DATA(y),
                                   yt == NPY_HALF ? L8_F16 : L8_F32, nt, &s);
-    Py_END_ALLOW_THREADS
+    if (l8_nogil_end(&g) < 0) goto fail; /* interrupted (Ctrl-C): y is incomplete */
     if (rc < 0) {
         l8_raise(&s);
         goto fail;
@@ -373,13 +374,13 @@ static PyGetSetDef linear_getset[] = {
 static PyMethodDef linear_methods[] = {
     {"forward", (PyCFunction)(void (*)(void))linear_forward, METH_VARARGS | METH_KEYWORDS, linear_forward_doc},
     {"_export", linear_export, METH_NOARGS,
-     "_export() -> (weight_int8, weight_scale, outlier_weight, bias or None): copies of the weights."},
+     "_export($self, /)\n--\n\n(weight_int8, weight_scale, outlier_weight, bias or None): copies of the weights."},
     {NULL, NULL, 0, NULL},
 };
 
 PyDoc_STRVAR(linear_doc,
-"Int8Linear(weight_int8, weight_scale, outlier_columns=None, outlier_weight=None, bias=None,\n"
-"           threshold=6.0, device='cpu')\n\n"
+"Int8Linear(weight_int8, weight_scale, outlier_columns=None, outlier_weight=None, bias=None, "
+"threshold=6.0, device='cpu')\n--\n\n"
 "The C layer behind llmint8.Int8Linear, built from already quantized weights\n"
 "(see quantize_weight). outlier_columns[i] pairs with outlier_weight[:, i]; both are\n"
 "sorted together by column, and a column given twice is a ValueError.\n"

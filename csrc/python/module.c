@@ -42,6 +42,29 @@ l8_state *l8_state_from_type(PyTypeObject *tp) {
     return m ? PyModule_GetState(m) : NULL;
 }
 
+/* ================================================================== interruptible work */
+
+/* The pool's check (threadpool.h): take the GIL back for a moment and run the signal
+ * handlers. Only the main thread sees signals; elsewhere this is a cheap no-op check. */
+static int check_signals(void *arg) {
+    l8_nogil *g = arg;
+    PyEval_RestoreThread(g->ts);
+    const int stop = PyErr_CheckSignals() < 0; /* the handler's exception stays set */
+    g->ts = PyEval_SaveThread();
+    return stop;
+}
+
+void l8_nogil_begin(l8_nogil *g) {
+    g->ts = PyEval_SaveThread();
+    l8_interrupt_push(&g->scope, check_signals, g);
+}
+
+int l8_nogil_end(l8_nogil *g) {
+    const int stopped = l8_interrupt_pop(&g->scope);
+    PyEval_RestoreThread(g->ts);
+    return stopped ? -1 : 0;
+}
+
 /* ================================================================== module */
 
 static PyObject *py_set_num_threads(PyObject *mod, PyObject *arg) {
@@ -143,16 +166,16 @@ static PyObject *py_build_info(PyObject *mod, PyObject *unused) {
 }
 
 static PyMethodDef module_methods[] = {
-    {"set_num_threads", py_set_num_threads, METH_O, "set_num_threads(n): threads for CPU work (0 = default)."},
-    {"get_num_threads", py_get_num_threads, METH_NOARGS, "get_num_threads() -> threads used for CPU work."},
+    {"set_num_threads", py_set_num_threads, METH_O, "set_num_threads($module, n, /)\n--\n\nThreads for CPU work (0 = default)."},
+    {"get_num_threads", py_get_num_threads, METH_NOARGS, "get_num_threads($module, /)\n--\n\nThreads used for CPU work."},
     {"_is_cuda_array", py_is_cuda_array, METH_O,
-     "_is_cuda_array(x) -> bool: x exports CUDA memory by the CUDA Array Interface or DLPack (a look at\n"
+     "_is_cuda_array($module, x, /)\n--\n\nTrue when x exports CUDA memory by the CUDA Array Interface or DLPack (a look at\n"
      "the object only: no import of llmint8._cuda, no GPU call)."},
-    {"build_info", py_build_info, METH_NOARGS, "build_info() -> dict: how this extension was built."},
+    {"build_info", py_build_info, METH_NOARGS, "build_info($module, /)\n--\n\nA dict: how this extension was built."},
     {"cpu_kernels", py_cpu_kernels, METH_NOARGS,
-     "cpu_kernels() -> list of str: the CPU GEMM kernels this CPU and build can run, slowest first."},
+     "cpu_kernels($module, /)\n--\n\nA list of str: the CPU GEMM kernels this CPU and build can run, slowest first."},
     {"set_cpu_kernel", py_set_cpu_kernel, METH_O,
-     "set_cpu_kernel(name or None): the CPU kernel for int8_matmul and for CPU layers created\n"
+     "set_cpu_kernel($module, name, /)\n--\n\nname (a str, or None): the CPU kernel for int8_matmul and for CPU layers created\n"
      "afterwards (a layer keeps the kernel its weights were packed for); None = the fastest.\n"
      "Overrides LLMINT8_CPU_KERNEL. ValueError for an unknown name, RuntimeError if unsupported."},
     {NULL, NULL, 0, NULL},

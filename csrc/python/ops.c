@@ -14,7 +14,7 @@
 /* ================================================================== quantization primitives */
 
 PyDoc_STRVAR(quantize_absmax_doc,
-"quantize_absmax(x) -> (q, absmax)\n\n"
+"quantize_absmax($module, x, /)\n--\n\n-> (q, absmax). "
 "Per-tensor absmax quantization: q = round(127 * x / absmax), int8 in [-127, 127],\n"
 "same shape as x. absmax = max |x| (a Python float; 0 for an all-zero x).");
 
@@ -39,7 +39,7 @@ fail:
 }
 
 PyDoc_STRVAR(quantize_rowwise_doc,
-"quantize_rowwise(x, skip_columns=None) -> (q, scales)\n\n"
+"quantize_rowwise($module, x, skip_columns=None)\n--\n\n-> (q, scales). "
 "Vector-wise quantization: each row of x (m, k) gets its own absmax scale.\n"
 "q (m, k) int8; scales (m,) float32 absmax per row. A 1-D x is one row (scales (1,)).\n"
 "skip_columns: column indices left out of the scales and quantized as 0.");
@@ -64,9 +64,10 @@ static PyObject *py_quantize_rowwise(PyObject *mod, PyObject *args, PyObject *kw
     if (!(q = (PyArrayObject *)PyArray_SimpleNew(PyArray_NDIM(x), PyArray_DIMS(x), NPY_INT8))) goto fail;
     if (!(s = (PyArrayObject *)PyArray_SimpleNew(1, sd, NPY_FLOAT32))) goto fail;
     const int nt = num_threads(st);
-    Py_BEGIN_ALLOW_THREADS
+    l8_nogil g;
+    l8_nogil_begin(&g);
     l8_quantize_rows(PyArray_DATA(x), l8_type_of(x), m, k, skip, PyArray_DATA(q), PyArray_DATA(s), nt);
-    Py_END_ALLOW_THREADS
+    if (l8_nogil_end(&g) < 0) goto fail; /* interrupted (Ctrl-C) */
     free(skip);
     Py_XDECREF(cols);
     Py_DECREF(x);
@@ -81,7 +82,7 @@ fail:
 }
 
 PyDoc_STRVAR(quantize_zeropoint_doc,
-"quantize_zeropoint(x) -> (q, scale, zeropoint)\n\n"
+"quantize_zeropoint($module, x, /)\n--\n\n-> (q, scale, zeropoint). "
 "Asymmetric per-tensor quantization over the full int8 range [-128, 127]:\n"
 "x ~= (q - zeropoint) * scale. The range [min, max] is widened to include 0,\n"
 "so 0 is exact and zeropoint fits int8. scale is the step (max - min) / 255.");
@@ -106,7 +107,7 @@ fail:
 }
 
 PyDoc_STRVAR(find_outlier_columns_doc,
-"find_outlier_columns(x, threshold=6.0) -> int32 array\n\n"
+"find_outlier_columns($module, x, threshold=6.0)\n--\n\n-> int32 array. "
 "Sorted indices of the columns of x (m, k) with any |x| >= threshold (a 1-D x is\n"
 "one row). threshold 0 means no decomposition and returns an empty array.");
 
@@ -125,9 +126,10 @@ static PyObject *py_find_outlier_columns(PyObject *mod, PyObject *args, PyObject
     const int64_t k = PyArray_DIM(x, PyArray_NDIM(x) - 1);
     if (!(colmax = l8_malloc_array((size_t)k, sizeof(float)))) { PyErr_NoMemory(); goto fail; }
     const int nt = num_threads(st);
-    Py_BEGIN_ALLOW_THREADS
+    l8_nogil g;
+    l8_nogil_begin(&g);
     l8_column_absmax(PyArray_DATA(x), l8_type_of(x), m, k, colmax, nt);
-    Py_END_ALLOW_THREADS
+    if (l8_nogil_end(&g) < 0) goto fail; /* interrupted (Ctrl-C) */
     npy_intp n = 0;
     for (int64_t j = 0; j < k; j++) n += thr > 0.0f && colmax[j] >= thr;
     if (!(out = (PyArrayObject *)PyArray_SimpleNew(1, &n, NPY_INT32))) goto fail;
@@ -145,7 +147,7 @@ fail:
 /* ================================================================== int8 GEMM */
 
 PyDoc_STRVAR(int8_matmul_doc,
-"int8_matmul(a, b, reference=False, kernel=None) -> int32 array\n\n"
+"int8_matmul($module, a, b, reference=False, kernel=None)\n--\n\n-> int32 array. "
 "Exact int8 GEMM: a (m, k) int8, b (n, k) int8 -> a @ b.T as int32 (m, n), with\n"
 "int32 accumulation, for every int8 value (-128 included). reference=True runs the\n"
 "plain triple loop (the oracle). kernel: 'portable', 'avx2', 'avxvnni' or 'avx512vnni'\n"
@@ -178,7 +180,8 @@ static PyObject *py_int8_matmul(PyObject *mod, PyObject *args, PyObject *kw) {
     if (!(c = (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_INT32))) goto fail;
     const int nt = num_threads(st);
     int grc = 0;
-    Py_BEGIN_ALLOW_THREADS
+    l8_nogil g;
+    l8_nogil_begin(&g);
     if (ref) {
         l8_gemm_s8_ref(PyArray_DATA(a), PyArray_DATA(b), m, n, k, PyArray_DATA(c));
     } else if (kern == L8_KERNEL_PORTABLE) {
@@ -191,7 +194,10 @@ static PyObject *py_int8_matmul(PyObject *mod, PyObject *args, PyObject *kw) {
         if (grc == 0) grc = l8_gemm_s8_packed(PyArray_DATA(a), m, &pb, l8_epilogue_store, &sc, nt);
         l8_packed_b_free(&pb);
     }
-    Py_END_ALLOW_THREADS
+    if (l8_nogil_end(&g) < 0) { /* interrupted (Ctrl-C): c is incomplete */
+        Py_DECREF(c);
+        goto fail;
+    }
     if (grc < 0) {
         PyErr_NoMemory();
         Py_DECREF(c);
@@ -209,7 +215,7 @@ fail:
 /* ================================================================== weights */
 
 PyDoc_STRVAR(quantize_weight_doc,
-"quantize_weight(weight, outlier_columns=None) -> (weight_int8, weight_scale, outlier_weight)\n\n"
+"quantize_weight($module, weight, outlier_columns=None)\n--\n\n-> (weight_int8, weight_scale, outlier_weight). "
 "Quantize a layer weight (out, in) float16/float32 the way Int8Linear holds it:\n"
 "weight_int8 (out, in) int8 with the outlier columns set to 0; weight_scale (out,)\n"
 "float32 absmax of each row over the other columns; outlier_weight (out, n_outliers)\n"
@@ -248,9 +254,10 @@ static PyObject *py_quantize_weight(PyObject *mod, PyObject *args, PyObject *kw)
     l8_status s = {0};
     int rc;
     const int nt = num_threads(st);
-    Py_BEGIN_ALLOW_THREADS
+    l8_nogil g;
+    l8_nogil_begin(&g);
     rc = l8_quantize_weight(PyArray_DATA(w), l8_type_of(w), n, k, PyArray_DATA(cols), no, &dst, nt, &s);
-    Py_END_ALLOW_THREADS
+    if (l8_nogil_end(&g) < 0) goto fail; /* interrupted (Ctrl-C) */
     if (rc < 0) {
         l8_raise(&s);
         goto fail;

@@ -17,6 +17,7 @@
 
 #include "common.h"
 #include "linear.h"
+#include "threadpool.h"
 
 /* Everything the module holds; nothing lives in C globals. */
 typedef struct {
@@ -37,6 +38,19 @@ typedef struct {
 /* Raise the Python exception for a failed status; returns NULL for `return l8_raise(&st);`
  * (shared.c, in both modules). */
 PyObject *l8_raise(const l8_status *st);
+
+/* Long CPU work without the GIL that Ctrl-C can stop (module.c). Between l8_nogil_begin
+ * and l8_nogil_end the GIL is released, as Py_BEGIN/END_ALLOW_THREADS do, and the thread
+ * pool's loops take it back briefly about every 50 ms to run PyErr_CheckSignals
+ * (threadpool.h, "interruption"). l8_nogil_end returns -1 with the signal handler's
+ * exception (KeyboardInterrupt) set when the work was stopped: its outputs are
+ * incomplete and must be discarded; else 0. */
+typedef struct {
+    PyThreadState *ts;
+    l8_interrupt_scope scope;
+} l8_nogil;
+void l8_nogil_begin(l8_nogil *g);
+int l8_nogil_end(l8_nogil *g);
 
 /* 1 when x is a CUDA array of any producer: the CUDA Array Interface, or a DLPack device of
  * type CUDA (a look at the object only: no import, no GPU call). Never raises; shared.c. */

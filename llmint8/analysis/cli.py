@@ -20,6 +20,7 @@ from .outliers import DEFAULT_MIN_LAYER_SHARE, DEFAULT_MIN_POSITION_SHARE, DEFAU
 
 from .._cli import ArgumentParser, CommandError, UsageError, check_input_file, check_output_dir, require_module
 from .._cli import run_command
+from .._cli import add_tokenizer_argument, check_tokenizer, read_text_arg
 
 PROG = "python -m llmint8 analyze"
 DEFAULT_MODEL = "stories260K"
@@ -53,10 +54,10 @@ def _where_looked() -> str:
     return ", ".join(zoo.data_dir_candidates()) + " (set LLMINT8_DATA to choose the folder)"
 
 
-def _load(spec: str, device: str = "cpu"):
+def _load(spec: str, device: str = "cpu", tokenizer: str | None = None):
     from llmint8.models import load_model
 
-    return load_model(spec, dtype="float32", device=device)
+    return load_model(spec, dtype="float32", device=device, tokenizer=tokenizer)
 
 
 def _perplexity_fn():
@@ -93,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"checkpoint path or model-zoo name (default: {DEFAULT_MODEL})")
+    add_tokenizer_argument(p)
     p.add_argument("--text", default=None,
                    help="UTF-8 text file to run (default: the shared WikiText-2 test split when present)")
     p.add_argument("--tokens", type=int, default=2048, help="number of tokens to analyse (default 2048)")
@@ -175,17 +177,17 @@ def _run(args) -> int:
     require_module("matplotlib", "analysis", "the plots")
     if not args.no_progress:
         require_module("tqdm", "analysis", "the progress bars (or pass --no-progress)")
-    try:
-        text = text_path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"cannot read {text_path}: {e}") from None
+    text = read_text_arg(str(text_path), "text file")
+    check_tokenizer(args.tokenizer)
     if not text.strip():
         raise UsageError(f"text file {str(text_path)!r} holds no text")
     progress = not args.no_progress
 
     t0 = time.time()
     try:
-        model = _load(args.model, device) if device != "cpu" else _load(args.model)
+        # one argument on the CPU without --tokenizer: _load(spec) is the seam tests replace
+        model = (_load(args.model) if device == "cpu" and args.tokenizer is None
+                 else _load(args.model, device=device, tokenizer=args.tokenizer))
     except Exception as e:  # noqa: BLE001 - any loader failure becomes one line
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         hint = ""

@@ -14,12 +14,12 @@ import os
 
 from .generate import Generation, generate, stream_generate
 from .loaders import Checkpoint, load_checkpoint
-from .perplexity import perplexity, token_nll
+from .perplexity import perplexity, read_text, token_nll
 from .quantized import save_quantized
 from .transformer import METHODS, KVCache, Model
 
-__all__ = ["load_model", "save_quantized", "perplexity", "token_nll", "Model", "METHODS", "Checkpoint", "KVCache",
-           "generate", "stream_generate", "Generation"]
+__all__ = ["load_model", "save_quantized", "perplexity", "read_text", "token_nll", "Model", "METHODS", "Checkpoint",
+           "KVCache", "generate", "stream_generate", "Generation"]
 
 
 def load_model(name_or_path: str, dtype: str = "float32", tokenizer: str | None = None,

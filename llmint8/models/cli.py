@@ -10,6 +10,7 @@ import time
 
 from .._cli import (ArgumentParser, CommandError, UsageError, check_input_file, check_output_file,
                     require_module, run_command)
+from .._cli import add_tokenizer_argument, check_tokenizer, read_text_arg
 
 PROG = "python -m llmint8 perplexity"
 DEFAULT_METHODS = "fp16,llm.int8,vectorwise,rowwise,absmax,zeropoint"
@@ -42,6 +43,7 @@ def _parser() -> ArgumentParser:
     p.add_argument("--model", required=True, help="zoo name (e.g. stories260K, smollm2-135m, gemma3-270m) or a path "
                                                   "(llama2.c .bin, .gguf, or a Hugging Face folder)")
     p.add_argument("--text", required=True, help="UTF-8 text file to score")
+    add_tokenizer_argument(p)
     p.add_argument("--methods", default=DEFAULT_METHODS,
                    help=f"comma-separated methods besides the float baseline (default {DEFAULT_METHODS})")
     p.add_argument("--device", default="cpu", help="where the model runs: cpu (default), cuda or cuda:N (the whole "
@@ -114,6 +116,7 @@ def _perplexity_command(argv: list[str]) -> int:
 
     args.device = check_cli_device(args.device, int8_layers=any(m in ("llm.int8", "vectorwise") for m in methods))
     check_input_file(args.text, "text file")
+    check_tokenizer(args.tokenizer)
     if args.json:
         check_output_file(args.json, "--json file")
     if not args.no_progress:
@@ -125,15 +128,14 @@ def _perplexity_command(argv: list[str]) -> int:
     if not os.path.exists(args.model) and not zoo.is_zoo_name(args.model):
         raise UsageError(f"model {args.model!r} is neither an existing path nor a zoo model "
                          f"(known: {', '.join(zoo.names())})")
-    with open(args.text, encoding="utf-8", errors="replace") as f:
-        text = f.read() if max_tokens is None else f.read(max_tokens * 16)
+    text = read_text_arg(args.text, "text file", None if max_tokens is None else max_tokens * 16)
     if not text.strip():
         raise UsageError(f"text file {args.text!r} holds no text")
 
     from . import load_model, perplexity
 
     try:
-        model = load_model(args.model, dtype=args.dtype, device=args.device)
+        model = load_model(args.model, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer)
     except zoo.ZooError as e:
         raise CommandError(str(e)) from None
     except (FileNotFoundError, ValueError) as e:

@@ -1057,7 +1057,7 @@ def load_gguf(path: str) -> Checkpoint:
                 if p + "k.bias" in w:
                     w[p + "k.bias"] = _unpermute(w[p + "k.bias"][:, None], KV)[:, 0]
     validate_weights(path, cfg, w)
-    tok = tokenizer_from_gguf_fields(fields)
+    tok = tokenizer_from_gguf_fields(fields, source=path)
     quant = sorted(q for q in qtypes if q not in ("F32", "F16", "BF16"))
     note = ""
     if quant:

@@ -11,9 +11,23 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 import time
 
 from .._cli import ArgumentParser, CommandError, UsageError, check_input_file, check_output_dir
+from .._cli import add_tokenizer_argument, check_tokenizer, read_text_arg
+
+
+def _entries(folder: str) -> dict:
+    """name -> lstat of each entry of ``folder`` ({} when it does not exist). lstat: a link
+    (dangling or not) is an entry of its own, never followed."""
+    if not os.path.isdir(folder):
+        return {}
+    return {name: os.lstat(os.path.join(folder, name)) for name in os.listdir(folder)}
+
+
+def _changed(old, new) -> bool:
+    return old is None or (old.st_ino, old.st_mtime_ns, old.st_size) != (new.st_ino, new.st_mtime_ns, new.st_size)
 
 
 def _parser() -> ArgumentParser:
@@ -27,6 +41,7 @@ def _parser() -> ArgumentParser:
     p.add_argument("--format", default="llmint8", choices=["llmint8", "bitsandbytes"],
                    help="llmint8 (default: keeps known outlier columns, loads bit-identically) or "
                         "bitsandbytes (the Hugging Face + bitsandbytes 8-bit layout; Llama-family models)")
+    add_tokenizer_argument(p)
     p.add_argument("--calibration-text", default=None,
                    help="UTF-8 text whose activations fix each layer's outlier columns (default: none; "
                         "outliers are then found per call)")
@@ -52,9 +67,19 @@ def quantize_main(argv: list[str]) -> int:
         raise UsageError("--calibration-tokens must be >= 1")
     if args.calibration_text is not None:
         check_input_file(args.calibration_text, "calibration text")
+        calib_text = read_text_arg(args.calibration_text, "calibration text", args.calibration_tokens * 16)
+    check_tokenizer(args.tokenizer)
     out = check_output_dir(args.out, "--out")
-    if os.path.exists(os.path.join(out, "config.json")) and not args.overwrite:
+    held = _entries(out)
+    if "config.json" in held and not args.overwrite:
         raise UsageError(f"--out {out!r} already holds a model; pass --overwrite to replace it")
+    if held and "config.json" not in held:
+        # a folder of other things (a home folder, /, a checkout) is never the place to write
+        # a model into: its files would be mixed with the model's, or replaced by them
+        shown = ", ".join(sorted(held)[:3]) + (", ..." if len(held) > 3 else "")
+        raise UsageError(f"--out {out!r} is a folder that already holds {len(held)} other entr"
+                         f"{'y' if len(held) == 1 else 'ies'} ({shown}); expected a new or empty folder, "
+                         f"or one holding a model saved before (with --overwrite)")
     from .device import check_cli_device
 
     args.device = check_cli_device(args.device, int8_layers=True)
@@ -71,7 +96,7 @@ def quantize_main(argv: list[str]) -> int:
 
     t0 = time.perf_counter()
     try:
-        model = load_model(args.model, device=args.device)
+        model = load_model(args.model, device=args.device, tokenizer=args.tokenizer)
     except (FileNotFoundError, ValueError, ZooError) as e:
         raise UsageError(str(e)) from None
     if model.method != "float":
@@ -80,17 +105,19 @@ def quantize_main(argv: list[str]) -> int:
     if args.calibration_text is not None:
         if model.tokenizer is None:
             raise UsageError(f"model {args.model!r} has no tokenizer to encode the calibration text")
-        with open(args.calibration_text, encoding="utf-8", errors="replace") as f:
-            text = f.read(args.calibration_tokens * 16)
-        calib = model.tokenizer.encode(text, bos=True)[: args.calibration_tokens]
+        calib = model.tokenizer.encode(calib_text, bos=True)[: args.calibration_tokens]
         if len(calib) < 1:
             raise UsageError("the calibration text holds no tokens")
     try:
         q = model.quantize("llm.int8", threshold=args.threshold, calibration_tokens=calib, progress=progress)
+        before = _entries(out)
         save_quantized(q, out, format=args.format, overwrite=args.overwrite, progress=progress)
+        after = _entries(out)
     except (ValueError, OSError, RuntimeError) as e:
         raise CommandError(str(e)) from None
-    size = sum(os.path.getsize(os.path.join(out, x)) for x in os.listdir(out))
+    # the files this save wrote (new or changed), not whatever else the folder holds
+    size = sum(st.st_size for name, st in after.items()
+               if stat.S_ISREG(st.st_mode) and _changed(before.get(name), st))
     n_out = sum(len(layer.outlier_columns) for layer in q.linears.values())
     print(f"saved {model.name} ({model.n_params:,} parameters) as llm.int8 ({args.format} format, threshold "
           f"{args.threshold:g}, {len(calib) if calib is not None else 0} calibration tokens, {n_out} known outlier "

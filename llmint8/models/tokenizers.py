@@ -382,15 +382,70 @@ def _bpe_pre_tokenizer(pre: str):
     return pt.Sequence(steps), ignore_merges
 
 
-def tokenizer_from_gguf_fields(fields: dict):
+def tokenizer_from_gguf_fields(fields: dict, source: str | None = None):
     """Build a tokenizer from GGUF metadata (already decoded to Python values): model "llama"
     (sentencepiece pieces + scores) or "gpt2" (byte-level BPE with merges, pre-tokenized as
     llama.cpp does for ``tokenizer.ggml.pre``; unknown pre-tokenizer names raise ValueError).
-    Its ``chat_template`` is the file's ``tokenizer.chat_template`` (None when absent)."""
+
+    source: the file the fields come from, named in errors. A vocabulary that does not hold
+    together (a merge of tokens the vocabulary lacks, a field of the wrong type: a corrupt
+    file) raises ValueError naming the file and the entry, never the tokenizers library's
+    bare Exception. Its ``chat_template`` is the file's ``tokenizer.chat_template`` (None when
+    absent)."""
+    where = f"{source}: " if source else ""
+    try:
+        return _tokenizer_from_gguf_fields(fields, where)
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the tokenizers library raises bare Exception
+        _check_gguf_merges(fields, where)  # names the broken merge when that is the cause
+        raise ValueError(f"{where}the GGUF vocabulary cannot be built: {' '.join(str(e).split())[:300]}; "
+                         f"the file is corrupt or its tokenizer is not supported") from None
+
+
+def _check_gguf_vocab(fields: dict, where: str) -> None:
+    """Types and cross-references of the GGUF vocabulary fields (llama.cpp checks these too)."""
+    tokens = fields.get("tokenizer.ggml.tokens")
+    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+        raise ValueError(f"{where}tokenizer.ggml.tokens must be a list of strings; the file is corrupt")
+    n = len(tokens)
+    for key, kinds in (("tokenizer.ggml.token_type", (int,)), ("tokenizer.ggml.scores", (int, float))):
+        v = fields.get(key)
+        if v is not None and (not isinstance(v, list) or len(v) != n or not all(isinstance(x, kinds) for x in v)):
+            raise ValueError(f"{where}{key} must be a list of {n} numbers, one per token; the file is corrupt")
+    for key in ("tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"):
+        v = fields.get(key)
+        if v is not None and (not isinstance(v, int) or not 0 <= v < n):
+            raise ValueError(f"{where}{key} = {v!r} is not a token id in [0, {n}); the file is corrupt")
+    merges = fields.get("tokenizer.ggml.merges")
+    if merges is not None and not isinstance(merges, list):
+        raise ValueError(f"{where}tokenizer.ggml.merges must be a list of strings; the file is corrupt")
+
+
+def _check_gguf_merges(fields: dict, where: str) -> None:
+    """Every merge is two tokens of the vocabulary whose concatenation is one too (run only once
+    the tokenizers library has refused the vocabulary: about a second for 280k merges)."""
+    tokens, merges = fields.get("tokenizer.ggml.tokens"), fields.get("tokenizer.ggml.merges")
+    if not isinstance(merges, list):
+        raise ValueError(f"{where}tokenizer.ggml.merges must be a list of strings; the file is corrupt")
+    vocab = set(tokens)
+    for i, m in enumerate(merges):
+        parts = m.split(" ", 1) if isinstance(m, str) else []
+        if len(parts) != 2 or not all(parts):
+            raise ValueError(f"{where}merge {i} of tokenizer.ggml.merges is {m!r}; expected two tokens "
+                             f"separated by a space (the file is corrupt)")
+        for part in (*parts, parts[0] + parts[1]):
+            if part not in vocab:
+                raise ValueError(f"{where}merge {i} of tokenizer.ggml.merges ({m!r}) uses {part!r}, which is not "
+                                 f"in the vocabulary (tokenizer.ggml.tokens); the file is corrupt")
+
+
+def _tokenizer_from_gguf_fields(fields: dict, where: str):
     model = fields.get("tokenizer.ggml.model")
     tokens = fields.get("tokenizer.ggml.tokens")
     if model is None or tokens is None:
         return None
+    _check_gguf_vocab(fields, where)
     types = fields.get("tokenizer.ggml.token_type") or [1] * len(tokens)
     bos = fields.get("tokenizer.ggml.bos_token_id")
     eos = fields.get("tokenizer.ggml.eos_token_id")
@@ -435,7 +490,7 @@ def tokenizer_from_gguf_fields(fields: dict):
         out = HFTokenizer(tok, bos_id=bos if add_bos else None, eos_id=eos)
         out.chat_template = fields.get("tokenizer.chat_template")
         return out
-    raise ValueError(f"GGUF tokenizer model {model!r} (tokenizer.ggml.model) is not supported; expected 'llama' "
+    raise ValueError(f"{where}GGUF tokenizer model {model!r} (tokenizer.ggml.model) is not supported; expected 'llama' "
                      f"(sentencepiece) or 'gpt2' (byte-level BPE)")
 
 
@@ -517,5 +572,5 @@ def load_tokenizer(path: str, vocab_size: int | None = None, config: dict | None
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic == b"GGUF":
-        return tokenizer_from_gguf_fields(read_gguf_metadata(path))
+        return tokenizer_from_gguf_fields(read_gguf_metadata(path), source=path)
     return load_llama2c_tokenizer(path, vocab_size)
