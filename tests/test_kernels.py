@@ -195,6 +195,65 @@ def test_layer_edge_inputs(kern):
             same_bits(ls.forward(x, out_dtype=od), lp.forward(x, out_dtype=od))
 
 
+def emulate_forward(wq, ws, known, wo, bias, thr, x, out_dtype):
+    """The CPU forward's operation order, step by step in float32 NumPy (each ufunc rounds
+    once, as the C code does without fused multiply-adds): the quantized product through
+    the reference quantizer and an exact int64 GEMM, then the outlier sums
+    s = ((0 + x[:, o0] w[o0]) + x[:, o1] w[o1]) + ..., o ascending, then
+    y = (acc * (sx / 127^2 * sw) + s) + bias."""
+    f32 = np.float32
+    x32 = x.astype(f32)
+    cols = set(known)
+    if thr > 0:
+        cols |= set(np.flatnonzero(np.abs(x32).max(axis=0) >= thr).tolist())
+    ocols = sorted(cols)
+    xq, sx = _C.quantize_rowwise(x, skip_columns=ocols)
+    acc = ref64(xq, wq).astype(np.int32).astype(f32)
+    s = np.zeros((x.shape[0], wq.shape[0]), f32)
+    for col in ocols:
+        if col in known:
+            w = wo[:, known.index(col)].astype(f32)
+        else:
+            w = wq[:, col].astype(f32) * (ws / f32(127.0))
+            if x.dtype == np.float16:
+                w = w.astype(np.float16).astype(f32)
+        s = s + x32[:, col:col + 1] * w[None, :]
+    sxi = sx * (f32(1.0) / f32(127.0 * 127.0))
+    v = acc * (sxi[:, None] * ws[None, :])
+    v = v + s
+    if bias is not None:
+        v = v + bias
+    return v.astype(out_dtype)
+
+
+# share of columns made outliers: all (no int8 product), most (the product over the few
+# columns left), half (the full product)
+@pytest.mark.parametrize("share", [1.0, 0.9, 0.5])
+@pytest.mark.parametrize("m,k,n", [(1, 40, 17), (13, 96, 40), (70, 520, 260)])
+def test_outlier_product_order_is_the_definition(share, m, k, n):
+    rng = np.random.default_rng(m + k + int(share * 10))
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    known = [1, k // 3]
+    wq, ws, wo = _C.quantize_weight(w, known)
+    bias = rng.standard_normal(n).astype(np.float32)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    big = rng.permutation(k)[: int(round(share * k))]
+    x[0, big] = np.where(x[0, big] < 0, -1.0, 1.0) * rng.uniform(6.0, 40.0, big.size)
+    old = _C.get_num_threads()
+    try:
+        for kern in KERNELS:
+            for b in (bias, None):
+                lay = layer(kern, wq, ws, outlier_columns=known, outlier_weight=wo, bias=b, threshold=6.0)
+                for xx in (x, x.astype(np.float16)):
+                    for od in (np.float32, np.float16):
+                        want = emulate_forward(wq, ws, known, wo, b, 6.0, xx, od)
+                        for nt in (1, 2, 3):
+                            _C.set_num_threads(nt)
+                            same_bits(lay.forward(xx, out_dtype=od), want)
+    finally:
+        _C.set_num_threads(0 if old == 0 else old)
+
+
 @pytest.mark.parametrize("kern", KERNELS)
 def test_export_is_canonical(kern):
     rng = np.random.default_rng(3)

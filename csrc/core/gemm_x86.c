@@ -217,6 +217,52 @@ static T_AVX2 void tile_avx2(const void *As, const l8_packed_b *B, int64_t i0, i
     TILE_LOOP(ukr_avx2, int16_t)
 }
 
+/* ------------------------------------------------------------------ fp32 outlier product */
+/* The order of gemm.h: per output, o ascending, each product rounded before the add. A
+ * separate vmulps + vaddps (never vfmadd, which rounds once) gives exactly that; on Zen 3
+ * multiplies and adds issue on different pipes, so the pair costs no more throughput than
+ * one FMA. 6 rows x 16 columns: 12 independent sums hide the add latency. */
+#define OSTEP(r)                                                                                       \
+    do {                                                                                               \
+        if (mr > (r)) {                                                                                \
+            const __m256 av = _mm256_broadcast_ss(X + (r) * ldx + o);                                  \
+            s##r##0 = _mm256_add_ps(s##r##0, _mm256_mul_ps(av, b0));                                   \
+            s##r##1 = _mm256_add_ps(s##r##1, _mm256_mul_ps(av, b1));                                   \
+        }                                                                                              \
+    } while (0)
+#define OSTORE(r)                                                                                      \
+    do {                                                                                               \
+        if (mr > (r)) {                                                                                \
+            _mm256_storeu_ps(S + (r) * lds, s##r##0);                                                  \
+            _mm256_storeu_ps(S + (r) * lds + 8, s##r##1);                                              \
+        }                                                                                              \
+    } while (0)
+
+static inline __attribute__((always_inline)) T_AVX2 void oukr_avx2(const float *X, int64_t ldx, int64_t no,
+                                                                     const float *W, float *S, int64_t lds,
+                                                                     const int mr) {
+    __m256 s00 = _mm256_setzero_ps(), s01 = s00, s10 = s00, s11 = s00, s20 = s00, s21 = s00, s30 = s00,
+           s31 = s00, s40 = s00, s41 = s00, s50 = s00, s51 = s00;
+    for (int64_t o = 0; o < no; o++) {
+        const __m256 b0 = _mm256_loadu_ps(W + o * L8_OUT_NR), b1 = _mm256_loadu_ps(W + o * L8_OUT_NR + 8);
+        OSTEP(0); OSTEP(1); OSTEP(2); OSTEP(3); OSTEP(4); OSTEP(5);
+    }
+    OSTORE(0); OSTORE(1); OSTORE(2); OSTORE(3); OSTORE(4); OSTORE(5);
+}
+_Static_assert(L8_OUT_MR == 6 && L8_OUT_NR == 16, "oukr_avx2 is written for 6 x 16");
+
+T_AVX2 void l8_outlier_tile_avx2(const float *X, int64_t ldx, int64_t mr, int64_t no, const float *Wpanel, float *S,
+                                 int64_t lds) {
+    switch (mr) {
+    case 1: oukr_avx2(X, ldx, no, Wpanel, S, lds, 1); break;
+    case 2: oukr_avx2(X, ldx, no, Wpanel, S, lds, 2); break;
+    case 3: oukr_avx2(X, ldx, no, Wpanel, S, lds, 3); break;
+    case 4: oukr_avx2(X, ldx, no, Wpanel, S, lds, 4); break;
+    case 5: oukr_avx2(X, ldx, no, Wpanel, S, lds, 5); break;
+    default: oukr_avx2(X, ldx, no, Wpanel, S, lds, 6); break;
+    }
+}
+
 /* ------------------------------------------------------------------ AVX-VNNI */
 #ifdef L8_HAVE_AVXVNNI
 #define T_AVXVNNI __attribute__((target("avx2,fma,f16c,avxvnni")))
