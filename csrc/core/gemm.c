@@ -279,10 +279,10 @@ void l8_epilogue_zero(int64_t m, int64_t n, l8_epilogue ep, void *ctx, int nthre
 /* The reference order (gemm.h), written so that compilers vectorize it along the 16 columns
  * without changing any output's order: o stays the outer loop of every sum. */
 static void outlier_tile_portable(const float *X, int64_t ldx, int64_t mr, int64_t no, const float *Wp, float *S,
-                                  int64_t lds) {
+                                  int64_t lds, int accumulate) {
     float s[L8_OUT_MR][L8_OUT_NR];
     for (int64_t r = 0; r < mr; r++)
-        for (int c = 0; c < L8_OUT_NR; c++) s[r][c] = 0.0f;
+        for (int c = 0; c < L8_OUT_NR; c++) s[r][c] = accumulate ? S[r * lds + c] : 0.0f;
     for (int64_t o = 0; o < no; o++) {
         const float *w = Wp + o * L8_OUT_NR;
         for (int64_t r = 0; r < mr; r++) {
@@ -293,8 +293,12 @@ static void outlier_tile_portable(const float *X, int64_t ldx, int64_t mr, int64
     for (int64_t r = 0; r < mr; r++) memcpy(S + r * lds, s[r], sizeof s[r]);
 }
 
-/* Rows per work item: a panel (16 x no floats) is reused for this many rows while in L1/L2. */
+/* Blocking: a work item is one panel against OUT_ROWS rows; within it, o runs in slices of
+ * OUT_KC so the panel's slice (16 x OUT_KC floats, 16 KiB) stays in L1 while the item's
+ * row micro-tiles pass it, and the sums are carried in S from one slice to the next
+ * (which continues each sum in the same order). */
 #define OUT_ROWS (8 * L8_OUT_MR)
+#define OUT_KC 256
 
 typedef struct {
     const float *X, *Wp;
@@ -309,17 +313,21 @@ static void outlier_items(void *arg, int64_t t0, int64_t t1) {
         /* m-fastest: items running at the same time share one panel */
         const int64_t ti = t % g->tm, panel = t / g->tm;
         const int64_t i0 = ti * OUT_ROWS, i1 = g->m - i0 < OUT_ROWS ? g->m : i0 + OUT_ROWS;
-        const float *w = g->Wp + panel * g->no * L8_OUT_NR;
-        for (int64_t i = i0; i < i1; i += L8_OUT_MR) {
-            const int64_t mr = i1 - i < L8_OUT_MR ? i1 - i : L8_OUT_MR;
-            float *s = g->S + i * g->lds + panel * L8_OUT_NR;
+        for (int64_t o0 = 0; o0 < g->no; o0 += OUT_KC) {
+            const int64_t kc = g->no - o0 < OUT_KC ? g->no - o0 : OUT_KC;
+            const float *w = g->Wp + (panel * g->no + o0) * L8_OUT_NR;
+            for (int64_t i = i0; i < i1; i += L8_OUT_MR) {
+                const int64_t mr = i1 - i < L8_OUT_MR ? i1 - i : L8_OUT_MR;
+                const float *x = g->X + i * g->ldx + o0;
+                float *s = g->S + i * g->lds + panel * L8_OUT_NR;
 #if defined(__x86_64__) && defined(__GNUC__)
-            if (g->simd) {
-                l8_outlier_tile_avx2(g->X + i * g->ldx, g->ldx, mr, g->no, w, s, g->lds);
-                continue;
-            }
+                if (g->simd) {
+                    l8_outlier_tile_avx2(x, g->ldx, mr, kc, w, s, g->lds, o0 > 0);
+                    continue;
+                }
 #endif
-            outlier_tile_portable(g->X + i * g->ldx, g->ldx, mr, g->no, w, s, g->lds);
+                outlier_tile_portable(x, g->ldx, mr, kc, w, s, g->lds, o0 > 0);
+            }
         }
     }
 }

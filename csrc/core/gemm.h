@@ -89,6 +89,10 @@ const l8_kernel_ops *l8_x86_kernel_ops(l8_kernel kern);
  * for j + r < n, 0 beyond. */
 void l8_packed_b_panel_column(const l8_packed_b *pb, int64_t j, int64_t p, int8_t col[16]);
 
+/* dst[r] = B[j + r, p] * scale[r] for r < 16 (0 in the padding rows), j a multiple of 16,
+ * computed as (float)B * scale; B packed for a SIMD kernel (gemm_x86.c, AVX2). */
+void l8_panel_column_f32_avx2(const l8_packed_b *pb, int64_t j, int64_t p, const float *scale, float *dst);
+
 /* *out = B's columns cols[0..nc) (in that order) packed for B's kernel: an (n, nc) weight.
  * The int8 GEMM of the same columns of A gives the same int32 as the full one when A is 0
  * in every other column. -1 when out of memory. */
@@ -113,8 +117,9 @@ void l8_epilogue_zero(int64_t m, int64_t n, l8_epilogue ep, void *ctx, int nthre
 #define L8_OUT_MR 6 /* rows per micro-tile: 6 x 16 fp32 sums fill 12 of AVX2's 16 registers */
 void l8_outlier_product(const float *X, int64_t ldx, int64_t m, int64_t no, const float *Wp, int64_t n, float *S,
                         int64_t lds, int simd, int nthreads);
-/* The AVX2 kernel's tile (gemm_x86.c): rows [0, mr) of X against one panel, mr <= L8_OUT_MR. */
+/* The AVX2 kernel's tile (gemm_x86.c): rows [0, mr) of X against no rows of one panel
+ * (Wpanel: no x 16), mr <= L8_OUT_MR; accumulate: continue the sums already in S. */
 void l8_outlier_tile_avx2(const float *X, int64_t ldx, int64_t mr, int64_t no, const float *Wpanel, float *S,
-                          int64_t lds);
+                          int64_t lds, int accumulate);
 
 #endif

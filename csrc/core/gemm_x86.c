@@ -238,11 +238,20 @@ static T_AVX2 void tile_avx2(const void *As, const l8_packed_b *B, int64_t i0, i
         }                                                                                              \
     } while (0)
 
+#define OLOAD(r)                                                                                       \
+    do {                                                                                               \
+        if (mr > (r)) {                                                                                \
+            s##r##0 = _mm256_loadu_ps(S + (r) * lds);                                                  \
+            s##r##1 = _mm256_loadu_ps(S + (r) * lds + 8);                                              \
+        }                                                                                              \
+    } while (0)
+
 static inline __attribute__((always_inline)) T_AVX2 void oukr_avx2(const float *X, int64_t ldx, int64_t no,
                                                                      const float *W, float *S, int64_t lds,
-                                                                     const int mr) {
+                                                                     const int mr, int accumulate) {
     __m256 s00 = _mm256_setzero_ps(), s01 = s00, s10 = s00, s11 = s00, s20 = s00, s21 = s00, s30 = s00,
            s31 = s00, s40 = s00, s41 = s00, s50 = s00, s51 = s00;
+    if (accumulate) { OLOAD(0); OLOAD(1); OLOAD(2); OLOAD(3); OLOAD(4); OLOAD(5); }
     for (int64_t o = 0; o < no; o++) {
         const __m256 b0 = _mm256_loadu_ps(W + o * L8_OUT_NR), b1 = _mm256_loadu_ps(W + o * L8_OUT_NR + 8);
         OSTEP(0); OSTEP(1); OSTEP(2); OSTEP(3); OSTEP(4); OSTEP(5);
@@ -252,15 +261,37 @@ static inline __attribute__((always_inline)) T_AVX2 void oukr_avx2(const float *
 _Static_assert(L8_OUT_MR == 6 && L8_OUT_NR == 16, "oukr_avx2 is written for 6 x 16");
 
 T_AVX2 void l8_outlier_tile_avx2(const float *X, int64_t ldx, int64_t mr, int64_t no, const float *Wpanel, float *S,
-                                 int64_t lds) {
+                                 int64_t lds, int accumulate) {
     switch (mr) {
-    case 1: oukr_avx2(X, ldx, no, Wpanel, S, lds, 1); break;
-    case 2: oukr_avx2(X, ldx, no, Wpanel, S, lds, 2); break;
-    case 3: oukr_avx2(X, ldx, no, Wpanel, S, lds, 3); break;
-    case 4: oukr_avx2(X, ldx, no, Wpanel, S, lds, 4); break;
-    case 5: oukr_avx2(X, ldx, no, Wpanel, S, lds, 5); break;
-    default: oukr_avx2(X, ldx, no, Wpanel, S, lds, 6); break;
+    case 1: oukr_avx2(X, ldx, no, Wpanel, S, lds, 1, accumulate); break;
+    case 2: oukr_avx2(X, ldx, no, Wpanel, S, lds, 2, accumulate); break;
+    case 3: oukr_avx2(X, ldx, no, Wpanel, S, lds, 3, accumulate); break;
+    case 4: oukr_avx2(X, ldx, no, Wpanel, S, lds, 4, accumulate); break;
+    case 5: oukr_avx2(X, ldx, no, Wpanel, S, lds, 5, accumulate); break;
+    default: oukr_avx2(X, ldx, no, Wpanel, S, lds, 6, accumulate); break;
     }
+}
+
+/* dst[r] = B[j + r, p] * scale[r] for the 16 rows of a panel (0 in padding rows): one
+ * column of a panel, sign-extended in place from the pair (avx2) or quad (vnni) layout. */
+T_AVX2 void l8_panel_column_f32_avx2(const l8_packed_b *pb, int64_t j, int64_t p, const float *scale, float *dst) {
+    const int8_t *panel = pb->data + j * pb->kp;
+    __m256i lo, hi;
+    if (pb->kernel == L8_KERNEL_AVX2) { /* 16 rows x 2 bytes: byte p % 2 of each int16 lane */
+        __m256i v = _mm256_loadu_si256((const __m256i *)(panel + (p / 2) * 32));
+        v = p % 2 ? _mm256_srai_epi16(v, 8) : _mm256_srai_epi16(_mm256_slli_epi16(v, 8), 8);
+        lo = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(v));
+        hi = _mm256_cvtepi16_epi32(_mm256_extracti128_si256(v, 1));
+    } else { /* 16 rows x 4 bytes: byte p % 4 of each int32 lane */
+        const int sh = 8 * (3 - (int)(p % 4));
+        const __m128i c = _mm_cvtsi32_si128(sh);
+        lo = _mm256_loadu_si256((const __m256i *)(panel + (p / 4) * 64));
+        hi = _mm256_loadu_si256((const __m256i *)(panel + (p / 4) * 64 + 32));
+        lo = _mm256_srai_epi32(_mm256_sll_epi32(lo, c), 24);
+        hi = _mm256_srai_epi32(_mm256_sll_epi32(hi, c), 24);
+    }
+    _mm256_storeu_ps(dst, _mm256_mul_ps(_mm256_cvtepi32_ps(lo), _mm256_loadu_ps(scale)));
+    _mm256_storeu_ps(dst + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(hi), _mm256_loadu_ps(scale + 8)));
 }
 
 /* ------------------------------------------------------------------ AVX-VNNI */

@@ -150,8 +150,12 @@ static void build_panels(void *arg, int64_t p0, int64_t p1) {
                     dst[r] = r < nr ? l8_half_to_float(c->wout[(j0 + r) * L->n_outliers + kp]) : 0.0f;
                 continue;
             }
-            l8_packed_b_panel_column(&c->wq, j0, g->ocols[o], col);
-            for (int64_t r = 0; r < L8_OUT_NR; r++) dst[r] = (float)col[r] * scale[r];
+            if (g->simd) {
+                l8_panel_column_f32_avx2(&c->wq, j0, g->ocols[o], scale, dst);
+            } else {
+                l8_packed_b_panel_column(&c->wq, j0, g->ocols[o], col);
+                for (int64_t r = 0; r < L8_OUT_NR; r++) dst[r] = (float)col[r] * scale[r];
+            }
             if (!g->round16) continue;
             if (g->simd)
                 l8_round_f16_simd(dst, L8_OUT_NR);
@@ -262,14 +266,18 @@ static int cpu_forward(const l8_layer *L, const void *x, l8_dtype xt, int64_t m,
     if (no > 0) {
         /* the outlier slice of x, exactly as given: fp16 values for float16 x, fp32 for
          * float32 x (an fp16 copy would turn a finite |x| > 65504 into inf) */
-        xo = l8_malloc_array((size_t)m * (size_t)no, sizeof(float));
+        const int direct = no == k && xt == L8_F32; /* the slice is x itself */
+        xo = direct ? NULL : l8_malloc_array((size_t)m * (size_t)no, sizeof(float));
         Wp = l8_malloc_array((size_t)np * (size_t)no, sizeof(float));
         S = l8_malloc_array((size_t)m * (size_t)np, sizeof(float));
-        if (!xo || !Wp || !S) goto nomem;
+        if ((!direct && !xo) || !Wp || !S) goto nomem;
         const size_t es = l8_dtype_size(xt);
-        for (int64_t i = 0; i < m; i++) {
+        for (int64_t i = 0; i < m && !direct; i++) {
             const char *row = (const char *)x + (size_t)i * (size_t)k * es;
-            for (int64_t o = 0; o < no; o++) xo[i * no + o] = l8_load(row, xt, (size_t)ocols[o]);
+            if (xt == L8_F32)
+                for (int64_t o = 0; o < no; o++) xo[i * no + o] = ((const float *)row)[ocols[o]];
+            else
+                for (int64_t o = 0; o < no; o++) xo[i * no + o] = l8_half_to_float(((const uint16_t *)row)[ocols[o]]);
         }
         wbad = calloc((size_t)(np / L8_OUT_NR) + 1, 1);
         if (!wbad) goto nomem;
@@ -281,7 +289,7 @@ static int cpu_forward(const l8_layer *L, const void *x, l8_dtype xt, int64_t m,
                 fail_f16_weight(L, ocols, known_pos, no, st);
                 goto done;
             }
-        l8_outlier_product(xo, no, m, no, Wp, n, S, np, simd, nthreads);
+        l8_outlier_product(direct ? (const float *)x : xo, no, m, no, Wp, n, S, np, simd, nthreads);
     }
 
     epi_ctx e = {y, yt, n, sx, c->wscale, c->bias, S, np, simd};
