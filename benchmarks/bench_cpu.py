@@ -60,14 +60,17 @@ def cpu_model():
         return platform.processor() or "unknown", 0.0, []
 
 
+CLOCK = time.perf_counter  # --clock cpu: time.process_time
+
+
 def timeit(fn, min_reps, min_time):
     fn()  # warm-up (first touch, thread pool start)
     ts = []
     t_end = time.perf_counter() + min_time
     while len(ts) < min_reps or time.perf_counter() < t_end:
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         fn()
-        ts.append(time.perf_counter() - t0)
+        ts.append(CLOCK() - t0)
         if len(ts) >= 200:
             break
     return statistics.median(ts), min(ts), len(ts)
@@ -154,7 +157,14 @@ def main():
     ap.add_argument("--markdown", help="also write the results as Markdown to this file")
     ap.add_argument("--threads", type=int, default=0, help="llmint8 and ONNX Runtime threads (default: llmint8's)")
     ap.add_argument("--no-portable", action="store_true", help="skip the portable C path")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="wall clock (default) or the process's CPU time: with one thread everywhere "
+                         "(--threads 1, OPENBLAS_NUM_THREADS=1) it counts the work done, not the time other "
+                         "processes held the core")
     args = ap.parse_args()
+    global CLOCK
+    if args.clock == "cpu":
+        CLOCK = time.process_time
     if args.threads > 0:
         _C.set_num_threads(args.threads)
     if args.no_portable:
@@ -182,6 +192,7 @@ def main():
         f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, revision: {rev}",
         f"CPU: {model}, {cores} cores, {ghz:.2f} GHz (peak computed at this clock), flags: {' '.join(simd_flags)}",
         f"kernel: {kernel} (supported: {', '.join(_C.cpu_kernels())}), threads: {_C.get_num_threads()}, "
+        f"clock: {args.clock}, OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', '-')}, "
         f"numpy {np.__version__}, python {platform.python_version()}",
         f"peaks on {used} core(s): int8 {peak_int8:.0f} GOPS ({kernel}: {macs} MAC/cycle/core), "
         f"float32 {peak_f32:.0f} GFLOPS; "

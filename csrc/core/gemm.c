@@ -141,7 +141,8 @@ static void *alloc_packed(size_t bytes) {
     return p;
 }
 
-int l8_pack_b(l8_kernel kern, const int8_t *B, int64_t n, int64_t k, l8_packed_b *pb) {
+/* The zeroed storage of an (n, k) weight packed for kern. -1 when out of memory. */
+static int pack_alloc(l8_kernel kern, int64_t n, int64_t k, l8_packed_b *pb) {
     const l8_kernel_ops *ops = l8_x86_kernel_ops(kern);
     memset(pb, 0, sizeof *pb);
     pb->kernel = ops ? kern : L8_KERNEL_PORTABLE;
@@ -157,10 +158,16 @@ int l8_pack_b(l8_kernel kern, const int8_t *B, int64_t n, int64_t k, l8_packed_b
         return -1;
     }
     pb->nbytes = bytes + (pb->corr ? (size_t)pb->np * sizeof(int32_t) : 0);
+    return 0;
+}
+
+int l8_pack_b(l8_kernel kern, const int8_t *B, int64_t n, int64_t k, l8_packed_b *pb) {
+    if (pack_alloc(kern, n, k, pb) < 0) return -1;
+    const l8_kernel_ops *ops = l8_x86_kernel_ops(pb->kernel);
     if (ops)
         ops->pack(B, pb);
     else
-        memcpy(pb->data, B, bytes);
+        memcpy(pb->data, B, (size_t)n * (size_t)k);
     return 0;
 }
 
@@ -237,16 +244,27 @@ void l8_packed_b_panel_column(const l8_packed_b *pb, int64_t j, int64_t p, int8_
 
 int l8_packed_b_select(const l8_packed_b *pb, const int32_t *cols, int64_t nc, l8_packed_b *out) {
     const int64_t n = pb->n;
-    int8_t *B = l8_malloc_array((size_t)n * (size_t)nc + 1, 1), col[16];
-    if (!B) return -1;
-    for (int64_t j = 0; j < n; j += 16)
+    if (pack_alloc(pb->kernel, n, nc, out) < 0) return -1;
+    if (pb->kernel == L8_KERNEL_PORTABLE) {
+        for (int64_t j = 0; j < n; j++)
+            for (int64_t t = 0; t < nc; t++) out->data[j * nc + t] = pb->data[j * pb->k + cols[t]];
+        return 0;
+    }
+    /* packed to packed, one panel at a time: column p's 16 bytes lie g apart in both */
+    const int64_t g = pack_group(pb->kernel);
+    for (int64_t j = 0; j < pb->np; j += L8_PACK_NR)
         for (int64_t t = 0; t < nc; t++) {
-            l8_packed_b_panel_column(pb, j, cols[t], col);
-            for (int64_t r = 0; r < 16 && j + r < n; r++) B[(j + r) * nc + t] = col[r];
+            const int8_t *src = pb->data + pack_offset(pb, j, cols[t]);
+            int8_t *dst = out->data + pack_offset(out, j, t);
+            for (int64_t r = 0; r < L8_PACK_NR; r++) dst[r * g] = src[r * g];
         }
-    const int rc = l8_pack_b(pb->kernel, B, n, nc, out);
-    free(B);
-    return rc;
+    if (out->corr) /* the vnni kernels' 128 * row sums, over the selected columns */
+        for (int64_t j = 0; j < out->np; j++) {
+            int32_t sum = 0;
+            for (int64_t t = 0; t < nc; t++) sum += out->data[pack_offset(out, j, t)];
+            out->corr[j] = 128 * sum;
+        }
+    return 0;
 }
 
 typedef struct {

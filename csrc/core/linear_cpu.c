@@ -194,11 +194,14 @@ static void fail_f16_weight(const l8_layer *L, const int32_t *ocols, const int32
 }
 
 /* ------------------------------------------------------------------ forward */
-/* At most this share of the columns left for the int8 product (1/4), the GEMM runs on those
- * columns alone: the weight's columns are gathered into a packed copy (one read of them),
- * cheaper than streaming the whole weight for a product that is zero in the other columns. */
+/* When few columns are left for the int8 product, the GEMM runs on those columns alone: the
+ * weight's kr columns are gathered into a packed copy, n kr byte moves, instead of m n (k - kr)
+ * multiply-adds on zeros. Chosen when at most a quarter of the columns are left and the
+ * multiply-adds saved outnumber the bytes moved SHRINK_RATIO times over (the GEMM does a few
+ * dozen multiply-adds in the time of one scattered byte move). */
 #define SHRINK_NUM 1
 #define SHRINK_DEN 4
+#define SHRINK_RATIO 32
 
 static int cpu_forward(const l8_layer *L, const void *x, l8_dtype xt, int64_t m, void *y, l8_dtype yt,
                        int nthreads, l8_status *st) {
@@ -296,7 +299,7 @@ static int cpu_forward(const l8_layer *L, const void *x, l8_dtype xt, int64_t m,
     if (kr == 0) {
         /* no column left for the int8 product: it is zero, skip it */
         l8_epilogue_zero(m, n, linear_epilogue, &e, nthreads);
-    } else if (no > 0 && kr * SHRINK_DEN <= k * SHRINK_NUM) {
+    } else if (no > 0 && kr * SHRINK_DEN <= k * SHRINK_NUM && m * (k - kr) >= SHRINK_RATIO * kr) {
         /* few columns left: the int8 product over them alone (the same int32 sums, as x's
          * quantized outlier columns are zero) */
         rcols = l8_malloc_array((size_t)kr, sizeof(int32_t));
