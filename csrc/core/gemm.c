@@ -338,12 +338,10 @@ static void outlier_items(void *arg, int64_t t0, int64_t t1) {
                 const int64_t mr = i1 - i < L8_OUT_MR ? i1 - i : L8_OUT_MR;
                 const float *x = g->X + i * g->ldx + o0;
                 float *s = g->S + i * g->lds + panel * L8_OUT_NR;
-#if defined(__x86_64__) && defined(__GNUC__)
                 if (g->simd) {
                     l8_outlier_tile_avx2(x, g->ldx, mr, kc, w, s, g->lds, o0 > 0);
                     continue;
                 }
-#endif
                 outlier_tile_portable(x, g->ldx, mr, kc, w, s, g->lds, o0 > 0);
             }
         }

@@ -93,6 +93,15 @@ void l8_packed_b_panel_column(const l8_packed_b *pb, int64_t j, int64_t p, int8_
  * computed as (float)B * scale; B packed for a SIMD kernel (gemm_x86.c, AVX2). */
 void l8_panel_column_f32_avx2(const l8_packed_b *pb, int64_t j, int64_t p, const float *scale, float *dst);
 
+/* The outlier product of mr <= L8_OUT_MR rows against the 16 columns [j0, j0 + 16) when every
+ * outlier column is a column of B dequantized (W[o, j] = (float)B[j, cols[o]] * scale[j - j0],
+ * rounded to fp16 when round16): S as l8_outlier_product computes it, bit for bit, without
+ * storing W. Returns 1 when round16 and a rounded weight is infinite (S is then garbage).
+ * B packed for a SIMD kernel (AVX2). */
+int l8_outlier_fused_avx2(const l8_packed_b *pb, int64_t j0, const float *scale, const int32_t *cols,
+                          int64_t no, const float *X, int64_t ldx, int64_t mr, int round16, float *S,
+                          int64_t lds);
+
 /* *out = B's columns cols[0..nc) (in that order) packed for B's kernel: an (n, nc) weight.
  * The int8 GEMM of the same columns of A gives the same int32 as the full one when A is 0
  * in every other column. -1 when out of memory. */

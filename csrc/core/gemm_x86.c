@@ -22,6 +22,7 @@
  *           may pass INT32_MAX midway, but int32 lanes wrap and the true result fits,
  *           so the result is exact.
  */
+#include <math.h>
 #include <stdlib.h>
 
 #include "gemm.h"
@@ -272,9 +273,12 @@ T_AVX2 void l8_outlier_tile_avx2(const float *X, int64_t ldx, int64_t mr, int64_
     }
 }
 
-/* dst[r] = B[j + r, p] * scale[r] for the 16 rows of a panel (0 in padding rows): one
- * column of a panel, sign-extended in place from the pair (avx2) or quad (vnni) layout. */
-T_AVX2 void l8_panel_column_f32_avx2(const l8_packed_b *pb, int64_t j, int64_t p, const float *scale, float *dst) {
+/* B[j + r, p] * scale[r] for the 16 rows of a panel (0 in padding rows) into *w0 (rows 0-7)
+ * and *w1 (rows 8-15): one column of a panel, sign-extended in place from the pair (avx2) or
+ * quad (vnni) layout, then (float)B * scale as in the portable code. */
+static inline __attribute__((always_inline)) T_AVX2 void panel_column_f32(const l8_packed_b *pb, int64_t j, int64_t p,
+                                                                            __m256 sc0, __m256 sc1, __m256 *w0,
+                                                                            __m256 *w1) {
     const int8_t *panel = pb->data + j * pb->kp;
     __m256i lo, hi;
     if (pb->kernel == L8_KERNEL_AVX2) { /* 16 rows x 2 bytes: byte p % 2 of each int16 lane */
@@ -283,15 +287,62 @@ T_AVX2 void l8_panel_column_f32_avx2(const l8_packed_b *pb, int64_t j, int64_t p
         lo = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(v));
         hi = _mm256_cvtepi16_epi32(_mm256_extracti128_si256(v, 1));
     } else { /* 16 rows x 4 bytes: byte p % 4 of each int32 lane */
-        const int sh = 8 * (3 - (int)(p % 4));
-        const __m128i c = _mm_cvtsi32_si128(sh);
+        const __m128i c = _mm_cvtsi32_si128(8 * (3 - (int)(p % 4)));
         lo = _mm256_loadu_si256((const __m256i *)(panel + (p / 4) * 64));
         hi = _mm256_loadu_si256((const __m256i *)(panel + (p / 4) * 64 + 32));
         lo = _mm256_srai_epi32(_mm256_sll_epi32(lo, c), 24);
         hi = _mm256_srai_epi32(_mm256_sll_epi32(hi, c), 24);
     }
-    _mm256_storeu_ps(dst, _mm256_mul_ps(_mm256_cvtepi32_ps(lo), _mm256_loadu_ps(scale)));
-    _mm256_storeu_ps(dst + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(hi), _mm256_loadu_ps(scale + 8)));
+    *w0 = _mm256_mul_ps(_mm256_cvtepi32_ps(lo), sc0);
+    *w1 = _mm256_mul_ps(_mm256_cvtepi32_ps(hi), sc1);
+}
+
+T_AVX2 void l8_panel_column_f32_avx2(const l8_packed_b *pb, int64_t j, int64_t p, const float *scale, float *dst) {
+    __m256 w0, w1;
+    panel_column_f32(pb, j, p, _mm256_loadu_ps(scale), _mm256_loadu_ps(scale + 8), &w0, &w1);
+    _mm256_storeu_ps(dst, w0);
+    _mm256_storeu_ps(dst + 8, w1);
+}
+
+/* The outlier product of a few rows straight from the int8 weight: each weight column of the
+ * panel is dequantized in registers and used at once, instead of being stored as fp32 and
+ * read back (at a few tokens that store and load cost more than the multiply-adds). The
+ * weights and the order of the sums are those of l8_outlier_product. */
+static inline __attribute__((always_inline)) T_AVX2 int ofused_avx2(const l8_packed_b *pb, int64_t j0,
+                                                                      const float *scale, const int32_t *cols,
+                                                                      int64_t no, const float *X, int64_t ldx,
+                                                                      int round16, float *S, int64_t lds,
+                                                                      const int mr) {
+    __m256 s00 = _mm256_setzero_ps(), s01 = s00, s10 = s00, s11 = s00, s20 = s00, s21 = s00, s30 = s00,
+           s31 = s00, s40 = s00, s41 = s00, s50 = s00, s51 = s00, inf = s00;
+    const __m256 sc0 = _mm256_loadu_ps(scale), sc1 = _mm256_loadu_ps(scale + 8);
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF)), vinf = _mm256_set1_ps(INFINITY);
+    for (int64_t o = 0; o < no; o++) {
+        __m256 b0, b1;
+        panel_column_f32(pb, j0, cols[o], sc0, sc1, &b0, &b1);
+        if (round16) { /* float16 x: the weight rounded to fp16; beyond its range is an error */
+            b0 = _mm256_cvtph_ps(_mm256_cvtps_ph(b0, _MM_FROUND_TO_NEAREST_INT));
+            b1 = _mm256_cvtph_ps(_mm256_cvtps_ph(b1, _MM_FROUND_TO_NEAREST_INT));
+            inf = _mm256_or_ps(inf, _mm256_cmp_ps(_mm256_and_ps(b0, absmask), vinf, _CMP_EQ_OQ));
+            inf = _mm256_or_ps(inf, _mm256_cmp_ps(_mm256_and_ps(b1, absmask), vinf, _CMP_EQ_OQ));
+        }
+        OSTEP(0); OSTEP(1); OSTEP(2); OSTEP(3); OSTEP(4); OSTEP(5);
+    }
+    OSTORE(0); OSTORE(1); OSTORE(2); OSTORE(3); OSTORE(4); OSTORE(5);
+    return _mm256_movemask_ps(inf) != 0;
+}
+
+T_AVX2 int l8_outlier_fused_avx2(const l8_packed_b *pb, int64_t j0, const float *scale, const int32_t *cols,
+                                 int64_t no, const float *X, int64_t ldx, int64_t mr, int round16, float *S,
+                                 int64_t lds) {
+    switch (mr) {
+    case 1: return ofused_avx2(pb, j0, scale, cols, no, X, ldx, round16, S, lds, 1);
+    case 2: return ofused_avx2(pb, j0, scale, cols, no, X, ldx, round16, S, lds, 2);
+    case 3: return ofused_avx2(pb, j0, scale, cols, no, X, ldx, round16, S, lds, 3);
+    case 4: return ofused_avx2(pb, j0, scale, cols, no, X, ldx, round16, S, lds, 4);
+    case 5: return ofused_avx2(pb, j0, scale, cols, no, X, ldx, round16, S, lds, 5);
+    default: return ofused_avx2(pb, j0, scale, cols, no, X, ldx, round16, S, lds, 6);
+    }
 }
 
 /* ------------------------------------------------------------------ AVX-VNNI */
@@ -375,9 +426,23 @@ const l8_kernel_ops *l8_x86_kernel_ops(l8_kernel kern) {
     }
 }
 
-#else /* not x86-64: only the portable kernel exists */
+#else /* not x86-64: only the portable kernel exists, so these are never called */
 const l8_kernel_ops *l8_x86_kernel_ops(l8_kernel kern) {
     (void)kern;
     return NULL;
+}
+void l8_outlier_tile_avx2(const float *X, int64_t ldx, int64_t mr, int64_t no, const float *Wpanel, float *S,
+                          int64_t lds, int accumulate) {
+    (void)X; (void)ldx; (void)mr; (void)no; (void)Wpanel; (void)S; (void)lds; (void)accumulate;
+}
+void l8_panel_column_f32_avx2(const l8_packed_b *pb, int64_t j, int64_t p, const float *scale, float *dst) {
+    (void)pb; (void)j; (void)p; (void)scale; (void)dst;
+}
+int l8_outlier_fused_avx2(const l8_packed_b *pb, int64_t j0, const float *scale, const int32_t *cols,
+                          int64_t no, const float *X, int64_t ldx, int64_t mr, int round16, float *S,
+                          int64_t lds) {
+    (void)pb; (void)j0; (void)scale; (void)cols; (void)no; (void)X; (void)ldx; (void)mr; (void)round16; (void)S;
+    (void)lds;
+    return 0;
 }
 #endif

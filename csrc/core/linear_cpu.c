@@ -167,6 +167,33 @@ static void build_panels(void *arg, int64_t p0, int64_t p1) {
     }
 }
 
+/* A few rows, every outlier column dynamic: the product straight from the int8 weight, panel
+ * by panel (l8_outlier_fused_avx2), with no fp32 copy of the outlier weight columns. */
+typedef struct {
+    const l8_layer *L;
+    const int32_t *ocols;
+    int64_t no, m;
+    const float *X;
+    int64_t ldx;
+    int round16;
+    float *S;
+    int64_t lds;
+    uint8_t *bad; /* (panels,) */
+} fused_job;
+
+static void fused_panels(void *arg, int64_t p0, int64_t p1) {
+    fused_job *g = arg;
+    const cpu_impl *c = g->L->impl;
+    const int64_t n = g->L->out_features;
+    for (int64_t p = p0; p < p1; p++) {
+        const int64_t j0 = p * L8_OUT_NR, nr = n - j0 < L8_OUT_NR ? n - j0 : L8_OUT_NR;
+        float scale[L8_OUT_NR] = {0};
+        for (int64_t r = 0; r < nr; r++) scale[r] = c->wscale[j0 + r] / 127.0f;
+        g->bad[p] = (uint8_t)l8_outlier_fused_avx2(&c->wq, j0, scale, g->ocols, g->no, g->X, g->ldx, g->m, g->round16,
+                                                   g->S + j0, g->lds);
+    }
+}
+
 /* The first weight (in column, then row order) that fp16 cannot hold: the error message. */
 static void fail_f16_weight(const l8_layer *L, const int32_t *ocols, const int32_t *known_pos, int64_t no,
                             l8_status *st) {
@@ -270,10 +297,13 @@ static int cpu_forward(const l8_layer *L, const void *x, l8_dtype xt, int64_t m,
         /* the outlier slice of x, exactly as given: fp16 values for float16 x, fp32 for
          * float32 x (an fp16 copy would turn a finite |x| > 65504 into inf) */
         const int direct = no == k && xt == L8_F32; /* the slice is x itself */
+        /* a few rows and no known column: the product straight from the int8 weight */
+        const int fused = simd && m <= L8_OUT_MR && L->n_outliers == 0;
         xo = direct ? NULL : l8_malloc_array((size_t)m * (size_t)no, sizeof(float));
-        Wp = l8_malloc_array((size_t)np * (size_t)no, sizeof(float));
+        Wp = fused ? NULL : l8_malloc_array((size_t)np * (size_t)no, sizeof(float));
         S = l8_malloc_array((size_t)m * (size_t)np, sizeof(float));
-        if ((!direct && !xo) || !Wp || !S) goto nomem;
+        wbad = calloc((size_t)(np / L8_OUT_NR) + 1, 1);
+        if ((!direct && !xo) || (!fused && !Wp) || !S || !wbad) goto nomem;
         const size_t es = l8_dtype_size(xt);
         for (int64_t i = 0; i < m && !direct; i++) {
             const char *row = (const char *)x + (size_t)i * (size_t)k * es;
@@ -282,17 +312,22 @@ static int cpu_forward(const l8_layer *L, const void *x, l8_dtype xt, int64_t m,
             else
                 for (int64_t o = 0; o < no; o++) xo[i * no + o] = l8_half_to_float(((const uint16_t *)row)[ocols[o]]);
         }
-        wbad = calloc((size_t)(np / L8_OUT_NR) + 1, 1);
-        if (!wbad) goto nomem;
-        wpanel_job wj = {L, ocols, known_pos, no, xt != L8_F32, simd, Wp, wbad};
-        l8_parallel_for(np / L8_OUT_NR, 1, l8_threads_for(np * no, L8_PASS_MIN_PER_THREAD, nthreads),
-                        build_panels, &wj);
+        const float *X = direct ? (const float *)x : xo;
+        if (fused) {
+            fused_job fj = {L, ocols, no, m, X, no, xt != L8_F32, S, np, wbad};
+            l8_parallel_for(np / L8_OUT_NR, 1, l8_threads_for(np * no, L8_PASS_MIN_PER_THREAD, nthreads), fused_panels,
+                            &fj);
+        } else {
+            wpanel_job wj = {L, ocols, known_pos, no, xt != L8_F32, simd, Wp, wbad};
+            l8_parallel_for(np / L8_OUT_NR, 1, l8_threads_for(np * no, L8_PASS_MIN_PER_THREAD, nthreads),
+                            build_panels, &wj);
+        }
         for (int64_t p = 0; p < np / L8_OUT_NR; p++)
             if (wbad[p]) {
                 fail_f16_weight(L, ocols, known_pos, no, st);
                 goto done;
             }
-        l8_outlier_product(direct ? (const float *)x : xo, no, m, no, Wp, n, S, np, simd, nthreads);
+        if (!fused) l8_outlier_product(X, no, m, no, Wp, n, S, np, simd, nthreads);
     }
 
     epi_ctx e = {y, yt, n, sx, c->wscale, c->bias, S, np, simd};
