@@ -10,9 +10,9 @@
  *   5. int8 GEMM (gemm.c, gemm_x86.c) whose per-tile epilogue computes
  *        y = (acc * (sx[i] / 127^2 * sw[j]) + S[i, j]) + bias[j]
  *      in fp32 and writes fp32 or fp16. Which GEMM runs follows the share of columns left
- *      for it: none (every column an outlier): no GEMM, the epilogue on a zero product;
- *      at most a quarter: the GEMM over those columns alone; more: the full GEMM (the
- *      outlier columns of the quantized x are zero, so all three give the same int32).
+ *      for it and the rows: none (every column an outlier): no GEMM, the epilogue on a zero
+ *      product; few (SHRINK_RATIO below): the GEMM over those columns alone; else the full
+ *      GEMM (the outlier columns of the quantized x are zero, so all three give the same int32).
  * Known outlier columns use the layer's fp16 weight columns; dynamic ones use the
  * int8 weights dequantized (the best the layer holds for them). The outlier operands
  * keep x's precision: float16 x multiplies fp16 values (dynamic weight columns are
@@ -223,12 +223,11 @@ static void fail_f16_weight(const l8_layer *L, const int32_t *ocols, const int32
 /* ------------------------------------------------------------------ forward */
 /* When few columns are left for the int8 product, the GEMM runs on those columns alone: the
  * weight's kr columns are gathered into a packed copy, n kr byte moves, instead of m n (k - kr)
- * multiply-adds on zeros. Chosen when at most a quarter of the columns are left and the
- * multiply-adds saved outnumber the bytes moved SHRINK_RATIO times over (the GEMM does a few
- * dozen multiply-adds in the time of one scattered byte move). */
-#define SHRINK_NUM 1
-#define SHRINK_DEN 4
-#define SHRINK_RATIO 32
+ * multiply-adds on zeros. Chosen when the multiply-adds saved outnumber the bytes moved
+ * SHRINK_RATIO times over (the GEMM does a few dozen multiply-adds in the time of one
+ * scattered byte move): with 1% outlier columns never below ~6400 tokens, with half of them
+ * from 64 tokens, with 99% at any token count. */
+#define SHRINK_RATIO 64
 
 static int cpu_forward(const l8_layer *L, const void *x, l8_dtype xt, int64_t m, void *y, l8_dtype yt,
                        int nthreads, l8_status *st) {
@@ -334,7 +333,7 @@ static int cpu_forward(const l8_layer *L, const void *x, l8_dtype xt, int64_t m,
     if (kr == 0) {
         /* no column left for the int8 product: it is zero, skip it */
         l8_epilogue_zero(m, n, linear_epilogue, &e, nthreads);
-    } else if (no > 0 && kr * SHRINK_DEN <= k * SHRINK_NUM && m * (k - kr) >= SHRINK_RATIO * kr) {
+    } else if (no > 0 && m * (k - kr) >= SHRINK_RATIO * kr) {
         /* few columns left: the int8 product over them alone (the same int32 sums, as x's
          * quantized outlier columns are zero) */
         rcols = l8_malloc_array((size_t)kr, sizeof(int32_t));
