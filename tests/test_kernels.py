@@ -230,7 +230,7 @@ def emulate_forward(wq, ws, known, wo, bias, thr, x, out_dtype):
 # columns left), half (the full product); with known columns and without (at up to 6 rows
 # the SIMD kernels then take the product straight from the int8 weight)
 @pytest.mark.parametrize("share", [1.0, 0.9, 0.5])
-@pytest.mark.parametrize("m,k,n", [(1, 40, 17), (5, 300, 70), (13, 96, 40), (70, 520, 260)])
+@pytest.mark.parametrize("m,k,n", [(1, 40, 17), (5, 300, 70), (13, 96, 40), (70, 520, 260), (300, 64, 40)])
 @pytest.mark.parametrize("with_known", [True, False])
 def test_outlier_product_order_is_the_definition(share, m, k, n, with_known):
     rng = np.random.default_rng(m + k + int(share * 10))

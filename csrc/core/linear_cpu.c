@@ -229,6 +229,11 @@ static void fail_f16_weight(const l8_layer *L, const int32_t *ocols, const int32
  * from 64 tokens, with 99% at any token count. */
 #define SHRINK_RATIO 64
 
+/* Rows of the outlier sums S computed and consumed at a time: S stays the size of 256 output
+ * rows in fp32 however many tokens come (the weight is then streamed once per block, a cost
+ * the 256 rows of multiply-adds per weight byte hide). */
+#define OUT_BLOCK_ROWS 256
+
 static int cpu_forward(const l8_layer *L, const void *x, l8_dtype xt, int64_t m, void *y, l8_dtype yt,
                        int nthreads, l8_status *st) {
     const cpu_impl *c = L->impl;
@@ -292,15 +297,17 @@ static int cpu_forward(const l8_layer *L, const void *x, l8_dtype xt, int64_t m,
     }
 
     const int64_t np = (n + L8_OUT_NR - 1) / L8_OUT_NR * L8_OUT_NR;
+    /* a few rows and no known column: the outlier product straight from the int8 weight */
+    const int fused = no > 0 && simd && m <= L8_OUT_MR && L->n_outliers == 0;
+    const int64_t rows = m < OUT_BLOCK_ROWS ? m : OUT_BLOCK_ROWS; /* rows of S held at once */
+    const float *X = NULL;
     if (no > 0) {
         /* the outlier slice of x, exactly as given: fp16 values for float16 x, fp32 for
          * float32 x (an fp16 copy would turn a finite |x| > 65504 into inf) */
         const int direct = no == k && xt == L8_F32; /* the slice is x itself */
-        /* a few rows and no known column: the product straight from the int8 weight */
-        const int fused = simd && m <= L8_OUT_MR && L->n_outliers == 0;
         xo = direct ? NULL : l8_malloc_array((size_t)m * (size_t)no, sizeof(float));
         Wp = fused ? NULL : l8_malloc_array((size_t)np * (size_t)no, sizeof(float));
-        S = l8_malloc_array((size_t)m * (size_t)np, sizeof(float));
+        S = l8_malloc_array((size_t)rows * (size_t)np, sizeof(float));
         wbad = calloc((size_t)(np / L8_OUT_NR) + 1, 1);
         if ((!direct && !xo) || (!fused && !Wp) || !S || !wbad) goto nomem;
         const size_t es = l8_dtype_size(xt);
@@ -311,7 +318,7 @@ static int cpu_forward(const l8_layer *L, const void *x, l8_dtype xt, int64_t m,
             else
                 for (int64_t o = 0; o < no; o++) xo[i * no + o] = l8_half_to_float(((const uint16_t *)row)[ocols[o]]);
         }
-        const float *X = direct ? (const float *)x : xo;
+        X = direct ? (const float *)x : xo;
         if (fused) {
             fused_job fj = {L, ocols, no, m, X, no, xt != L8_F32, S, np, wbad};
             l8_parallel_for(np / L8_OUT_NR, 1, l8_threads_for(np * no, L8_PASS_MIN_PER_THREAD, nthreads), fused_panels,
@@ -326,14 +333,11 @@ static int cpu_forward(const l8_layer *L, const void *x, l8_dtype xt, int64_t m,
                 fail_f16_weight(L, ocols, known_pos, no, st);
                 goto done;
             }
-        if (!fused) l8_outlier_product(X, no, m, no, Wp, n, S, np, simd, nthreads);
     }
 
-    epi_ctx e = {y, yt, n, sx, c->wscale, c->bias, S, np, simd};
-    if (kr == 0) {
-        /* no column left for the int8 product: it is zero, skip it */
-        l8_epilogue_zero(m, n, linear_epilogue, &e, nthreads);
-    } else if (no > 0 && m * (k - kr) >= SHRINK_RATIO * kr) {
+    /* which int8 product: none, over the columns left, or the full one */
+    const int shrink = kr > 0 && no > 0 && m * (k - kr) >= SHRINK_RATIO * kr;
+    if (shrink) {
         /* few columns left: the int8 product over them alone (the same int32 sums, as x's
          * quantized outlier columns are zero) */
         rcols = l8_malloc_array((size_t)kr, sizeof(int32_t));
@@ -345,9 +349,22 @@ static int cpu_forward(const l8_layer *L, const void *x, l8_dtype xt, int64_t m,
         for (int64_t i = 0; i < m; i++)
             for (int64_t q = 0; q < kr; q++) xr[i * kr + q] = xq[i * k + rcols[q]];
         if (l8_packed_b_select(&c->wq, rcols, kr, &wr) < 0) goto nomem;
-        if (l8_gemm_s8_packed(xr, m, &wr, linear_epilogue, &e, nthreads) < 0) goto nomem;
-    } else {
-        if (l8_gemm_s8_packed(xq, m, &c->wq, linear_epilogue, &e, nthreads) < 0) goto nomem;
+    }
+
+    /* rows in blocks, so S (the outlier sums, fp32) never holds more than OUT_BLOCK_ROWS rows */
+    const size_t ys = l8_dtype_size(yt);
+    for (int64_t i0 = 0; i0 < m; i0 += rows) {
+        const int64_t mb = m - i0 < rows ? m - i0 : rows;
+        if (no > 0 && !fused) l8_outlier_product(X + i0 * no, no, mb, no, Wp, n, S, np, simd, nthreads);
+        epi_ctx e = {(char *)y + (size_t)(i0 * n) * ys, yt, n, sx + i0, c->wscale, c->bias, S, np, simd};
+        if (kr == 0) {
+            /* no column left for the int8 product: it is zero, skip it */
+            l8_epilogue_zero(mb, n, linear_epilogue, &e, nthreads);
+        } else if (shrink) {
+            if (l8_gemm_s8_packed(xr + i0 * kr, mb, &wr, linear_epilogue, &e, nthreads) < 0) goto nomem;
+        } else {
+            if (l8_gemm_s8_packed(xq + i0 * k, mb, &c->wq, linear_epilogue, &e, nthreads) < 0) goto nomem;
+        }
     }
     rc = 0;
     goto done;
