@@ -195,6 +195,83 @@ def test_layer_edge_inputs(kern):
             same_bits(ls.forward(x, out_dtype=od), lp.forward(x, out_dtype=od))
 
 
+def emulate_forward(wq, ws, known, wo, bias, thr, x, out_dtype):
+    """The CPU forward's operation order, step by step in float32 NumPy (each ufunc rounds
+    once, as the C code does without fused multiply-adds): the quantized product through
+    the reference quantizer and an exact int64 GEMM, then the outlier sums
+    s = ((0 + x[:, o0] w[o0]) + x[:, o1] w[o1]) + ..., o ascending, then
+    y = (acc * (sx / 127^2 * sw) + s) + bias."""
+    f32 = np.float32
+    x32 = x.astype(f32)
+    cols = set(known)
+    if thr > 0:
+        cols |= set(np.flatnonzero(np.abs(x32).max(axis=0) >= thr).tolist())
+    ocols = sorted(cols)
+    xq, sx = _C.quantize_rowwise(x, skip_columns=ocols)
+    acc = ref64(xq, wq).astype(np.int32).astype(f32)
+    s = np.zeros((x.shape[0], wq.shape[0]), f32)
+    for col in ocols:
+        if col in known:
+            w = wo[:, known.index(col)].astype(f32)
+        else:
+            w = wq[:, col].astype(f32) * (ws / f32(127.0))
+            if x.dtype == np.float16:
+                w = w.astype(np.float16).astype(f32)
+        s = s + x32[:, col:col + 1] * w[None, :]
+    sxi = sx * (f32(1.0) / f32(127.0 * 127.0))
+    v = acc * (sxi[:, None] * ws[None, :])
+    v = v + s
+    if bias is not None:
+        v = v + bias
+    return v.astype(out_dtype)
+
+
+# share of columns made outliers: all (no int8 product), most (the product over the few
+# columns left), half (the full product); with known columns and without (at up to 6 rows
+# the SIMD kernels then take the product straight from the int8 weight)
+@pytest.mark.parametrize("share", [1.0, 0.9, 0.5])
+@pytest.mark.parametrize("m,k,n", [(1, 40, 17), (5, 300, 70), (13, 96, 40), (70, 520, 260), (300, 64, 40)])
+@pytest.mark.parametrize("with_known", [True, False])
+def test_outlier_product_order_is_the_definition(share, m, k, n, with_known):
+    rng = np.random.default_rng(m + k + int(share * 10))
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    known = [1, k // 3] if with_known else []
+    wq, ws, wo = _C.quantize_weight(w, known)
+    bias = rng.standard_normal(n).astype(np.float32)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    big = rng.permutation(k)[: int(round(share * k))]
+    x[0, big] = np.where(x[0, big] < 0, -1.0, 1.0) * rng.uniform(6.0, 40.0, big.size)
+    old = _C.get_num_threads()
+    try:
+        for b in (bias, None):
+            for xx in (x, x.astype(np.float16)):
+                want32 = emulate_forward(wq, ws, known, wo, b, 6.0, xx, np.float32)
+                for kern in KERNELS:
+                    lay = layer(kern, wq, ws, outlier_columns=known, outlier_weight=wo, bias=b, threshold=6.0)
+                    for od in (np.float32, np.float16):
+                        want = want32.astype(od)
+                        for nt in (1, 2, 3):
+                            _C.set_num_threads(nt)
+                            same_bits(lay.forward(xx, out_dtype=od), want)
+    finally:
+        _C.set_num_threads(0 if old == 0 else old)
+
+
+@pytest.mark.parametrize("kern", KERNELS)
+@pytest.mark.parametrize("m", [3, 9])  # up to 6 rows the SIMD kernels take another path
+def test_fp16_weight_overflow_message_on_every_path(kern, m):
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((40, 16)).astype(np.float32)
+    w[21] *= 1e4
+    w[21, 4] = 1.5e5  # the row's scale, and its dequantized value in column 4 exceeds fp16
+    wq, ws, _ = _C.quantize_weight(w, [])
+    x = rng.standard_normal((m, 16)).astype(np.float16)
+    x[:, 4] = 20.0
+    lay = layer(kern, wq, ws, threshold=6.0)
+    with pytest.raises(ValueError, match=r"x is float16, but the layer's weight\[21, 4\] = .* beyond float16's range"):
+        lay.forward(x)
+
+
 @pytest.mark.parametrize("kern", KERNELS)
 def test_export_is_canonical(kern):
     rng = np.random.default_rng(3)

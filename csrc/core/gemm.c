@@ -141,7 +141,8 @@ static void *alloc_packed(size_t bytes) {
     return p;
 }
 
-int l8_pack_b(l8_kernel kern, const int8_t *B, int64_t n, int64_t k, l8_packed_b *pb) {
+/* The zeroed storage of an (n, k) weight packed for kern. -1 when out of memory. */
+static int pack_alloc(l8_kernel kern, int64_t n, int64_t k, l8_packed_b *pb) {
     const l8_kernel_ops *ops = l8_x86_kernel_ops(kern);
     memset(pb, 0, sizeof *pb);
     pb->kernel = ops ? kern : L8_KERNEL_PORTABLE;
@@ -157,10 +158,16 @@ int l8_pack_b(l8_kernel kern, const int8_t *B, int64_t n, int64_t k, l8_packed_b
         return -1;
     }
     pb->nbytes = bytes + (pb->corr ? (size_t)pb->np * sizeof(int32_t) : 0);
+    return 0;
+}
+
+int l8_pack_b(l8_kernel kern, const int8_t *B, int64_t n, int64_t k, l8_packed_b *pb) {
+    if (pack_alloc(kern, n, k, pb) < 0) return -1;
+    const l8_kernel_ops *ops = l8_x86_kernel_ops(pb->kernel);
     if (ops)
         ops->pack(B, pb);
     else
-        memcpy(pb->data, B, bytes);
+        memcpy(pb->data, B, (size_t)n * (size_t)k);
     return 0;
 }
 
@@ -179,25 +186,6 @@ void l8_unpack_b(const l8_packed_b *pb, int8_t *B) {
     }
     for (int64_t j = 0; j < pb->n; j++)
         for (int64_t p = 0; p < pb->k; p++) B[j * pb->k + p] = pb->data[pack_offset(pb, j, p)];
-}
-
-void l8_packed_b_column(const l8_packed_b *pb, int64_t p, int8_t *col) {
-    if (pb->kernel == L8_KERNEL_PORTABLE) {
-        for (int64_t j = 0; j < pb->n; j++) col[j] = pb->data[j * pb->k + p];
-        return;
-    }
-    /* within a panel, rows are g bytes apart; panels are 16 * kp bytes apart. Each panel
-     * is one cache line away from the last, so the loads are latency-bound misses: ask
-     * for the lines a few panels ahead. */
-    const int64_t g = pack_group(pb->kernel), stride = L8_PACK_NR * pb->kp, ahead = 16;
-    const int8_t *src = pb->data + pack_offset(pb, 0, p);
-    for (int64_t j0 = 0; j0 < pb->n; j0 += L8_PACK_NR) {
-        const int8_t *panel = src + (j0 / L8_PACK_NR) * stride;
-#if defined(__GNUC__)
-        if (j0 + ahead * L8_PACK_NR < pb->n) __builtin_prefetch(panel + ahead * stride);
-#endif
-        for (int64_t r = 0; r < L8_PACK_NR && j0 + r < pb->n; r++) col[j0 + r] = panel[r * g];
-    }
 }
 
 /* ------------------------------------------------------------------ packed driver */
@@ -241,4 +229,130 @@ int l8_gemm_s8_packed(const int8_t *A, int64_t m, const l8_packed_b *B, l8_epilo
     l8_parallel_for(tm * tn, 1, l8_threads_for(m * n * kp, L8_GEMM_MIN_MACS_PER_THREAD, nthreads), packed_tiles, &g);
     free(As);
     return 0;
+}
+
+/* ------------------------------------------------------------------ column selection */
+void l8_packed_b_panel_column(const l8_packed_b *pb, int64_t j, int64_t p, int8_t col[16]) {
+    if (pb->kernel == L8_KERNEL_PORTABLE) {
+        for (int64_t r = 0; r < 16; r++) col[r] = j + r < pb->n ? pb->data[(j + r) * pb->k + p] : 0;
+        return;
+    }
+    const int64_t g = pack_group(pb->kernel);
+    const int8_t *src = pb->data + pack_offset(pb, j, p); /* padding rows of the panel hold 0 */
+    for (int64_t r = 0; r < 16; r++) col[r] = src[r * g];
+}
+
+int l8_packed_b_select(const l8_packed_b *pb, const int32_t *cols, int64_t nc, l8_packed_b *out) {
+    const int64_t n = pb->n;
+    if (pack_alloc(pb->kernel, n, nc, out) < 0) return -1;
+    if (pb->kernel == L8_KERNEL_PORTABLE) {
+        for (int64_t j = 0; j < n; j++)
+            for (int64_t t = 0; t < nc; t++) out->data[j * nc + t] = pb->data[j * pb->k + cols[t]];
+        return 0;
+    }
+    /* packed to packed, one panel at a time: column p's 16 bytes lie g apart in both */
+    const int64_t g = pack_group(pb->kernel);
+    for (int64_t j = 0; j < pb->np; j += L8_PACK_NR)
+        for (int64_t t = 0; t < nc; t++) {
+            const int8_t *src = pb->data + pack_offset(pb, j, cols[t]);
+            int8_t *dst = out->data + pack_offset(out, j, t);
+            for (int64_t r = 0; r < L8_PACK_NR; r++) dst[r * g] = src[r * g];
+        }
+    if (out->corr) /* the vnni kernels' 128 * row sums, over the selected columns */
+        for (int64_t j = 0; j < out->np; j++) {
+            int32_t sum = 0;
+            for (int64_t t = 0; t < nc; t++) sum += out->data[pack_offset(out, j, t)];
+            out->corr[j] = 128 * sum;
+        }
+    return 0;
+}
+
+typedef struct {
+    int64_t m, n, tm;
+    l8_epilogue ep;
+    void *ctx;
+} zero_job;
+
+static void zero_tiles(void *arg, int64_t t0, int64_t t1) {
+    const zero_job *g = arg;
+    static const int32_t acc[L8_GEMM_MB * L8_GEMM_NB]; /* all zero, read-only */
+    for (int64_t t = t0; t < t1; t++) {
+        const int64_t ti = t % g->tm, tj = t / g->tm;
+        const int64_t i0 = ti * L8_GEMM_MB, j0 = tj * L8_GEMM_NB;
+        const int64_t mb = g->m - i0 < L8_GEMM_MB ? g->m - i0 : L8_GEMM_MB;
+        const int64_t nb = g->n - j0 < L8_GEMM_NB ? g->n - j0 : L8_GEMM_NB;
+        g->ep(g->ctx, i0, j0, mb, nb, acc, L8_GEMM_NB);
+    }
+}
+
+void l8_epilogue_zero(int64_t m, int64_t n, l8_epilogue ep, void *ctx, int nthreads) {
+    if (m == 0 || n == 0) return;
+    const int64_t tm = (m + L8_GEMM_MB - 1) / L8_GEMM_MB, tn = (n + L8_GEMM_NB - 1) / L8_GEMM_NB;
+    zero_job g = {m, n, tm, ep, ctx};
+    /* the epilogue is a few operations per output: one thread per 2^16 of them */
+    l8_parallel_for(tm * tn, 1, l8_threads_for(m * n, L8_PASS_MIN_PER_THREAD, nthreads), zero_tiles, &g);
+}
+
+/* ------------------------------------------------------------------ outlier product */
+/* The reference order (gemm.h), written so that compilers vectorize it along the 16 columns
+ * without changing any output's order: o stays the outer loop of every sum. */
+static void outlier_tile_portable(const float *X, int64_t ldx, int64_t mr, int64_t no, const float *Wp, float *S,
+                                  int64_t lds, int accumulate) {
+    float s[L8_OUT_MR][L8_OUT_NR];
+    for (int64_t r = 0; r < mr; r++)
+        for (int c = 0; c < L8_OUT_NR; c++) s[r][c] = accumulate ? S[r * lds + c] : 0.0f;
+    for (int64_t o = 0; o < no; o++) {
+        const float *w = Wp + o * L8_OUT_NR;
+        for (int64_t r = 0; r < mr; r++) {
+            const float xv = X[r * ldx + o];
+            for (int c = 0; c < L8_OUT_NR; c++) s[r][c] += xv * w[c];
+        }
+    }
+    for (int64_t r = 0; r < mr; r++) memcpy(S + r * lds, s[r], sizeof s[r]);
+}
+
+/* Blocking: a work item is one panel against OUT_ROWS rows; within it, o runs in slices of
+ * OUT_KC so the panel's slice (16 x OUT_KC floats, 16 KiB) stays in L1 while the item's
+ * row micro-tiles pass it, and the sums are carried in S from one slice to the next
+ * (which continues each sum in the same order). */
+#define OUT_ROWS (8 * L8_OUT_MR)
+#define OUT_KC 256
+
+typedef struct {
+    const float *X, *Wp;
+    float *S;
+    int64_t ldx, m, no, lds, tm;
+    int simd;
+} outlier_job;
+
+static void outlier_items(void *arg, int64_t t0, int64_t t1) {
+    const outlier_job *g = arg;
+    for (int64_t t = t0; t < t1; t++) {
+        /* m-fastest: items running at the same time share one panel */
+        const int64_t ti = t % g->tm, panel = t / g->tm;
+        const int64_t i0 = ti * OUT_ROWS, i1 = g->m - i0 < OUT_ROWS ? g->m : i0 + OUT_ROWS;
+        for (int64_t o0 = 0; o0 < g->no; o0 += OUT_KC) {
+            const int64_t kc = g->no - o0 < OUT_KC ? g->no - o0 : OUT_KC;
+            const float *w = g->Wp + (panel * g->no + o0) * L8_OUT_NR;
+            for (int64_t i = i0; i < i1; i += L8_OUT_MR) {
+                const int64_t mr = i1 - i < L8_OUT_MR ? i1 - i : L8_OUT_MR;
+                const float *x = g->X + i * g->ldx + o0;
+                float *s = g->S + i * g->lds + panel * L8_OUT_NR;
+                if (g->simd) {
+                    l8_outlier_tile_avx2(x, g->ldx, mr, kc, w, s, g->lds, o0 > 0);
+                    continue;
+                }
+                outlier_tile_portable(x, g->ldx, mr, kc, w, s, g->lds, o0 > 0);
+            }
+        }
+    }
+}
+
+void l8_outlier_product(const float *X, int64_t ldx, int64_t m, int64_t no, const float *Wp, int64_t n, float *S,
+                        int64_t lds, int simd, int nthreads) {
+    const int64_t panels = (n + L8_OUT_NR - 1) / L8_OUT_NR, tm = (m + OUT_ROWS - 1) / OUT_ROWS;
+    if (m == 0 || panels == 0) return;
+    outlier_job g = {X, Wp, S, ldx, m, no, lds, tm, simd};
+    l8_parallel_for(tm * panels, 1, l8_threads_for(m * n * no, L8_GEMM_MIN_MACS_PER_THREAD, nthreads),
+                    outlier_items, &g);
 }

@@ -62,8 +62,6 @@ int l8_pack_b(l8_kernel kern, const int8_t *B, int64_t n, int64_t k, l8_packed_b
 void l8_packed_b_free(l8_packed_b *pb);
 /* The canonical (n, k) matrix read back from the packed layout. */
 void l8_unpack_b(const l8_packed_b *pb, int8_t *B);
-/* Column p of B: col[j] = B[j, p] for j < n. */
-void l8_packed_b_column(const l8_packed_b *pb, int64_t p, int8_t *col);
 
 /* C = A (m, k) @ B.T with B packed, through the epilogue (same contract as l8_gemm_s8).
  * Exact for every int8 value of A and B, -128 included. -1 when out of memory
@@ -86,5 +84,51 @@ typedef struct {
 
 /* The ops of a SIMD kernel, or NULL for portable and for kernels not compiled in. */
 const l8_kernel_ops *l8_x86_kernel_ops(l8_kernel kern);
+
+/* Rows [j, j + 16) of column p of B (a panel's slice; j a multiple of 16): col[r] = B[j + r, p]
+ * for j + r < n, 0 beyond. */
+void l8_packed_b_panel_column(const l8_packed_b *pb, int64_t j, int64_t p, int8_t col[16]);
+
+/* dst[r] = B[j + r, p] * scale[r] for r < 16 (0 in the padding rows), j a multiple of 16,
+ * computed as (float)B * scale; B packed for a SIMD kernel (gemm_x86.c, AVX2). */
+void l8_panel_column_f32_avx2(const l8_packed_b *pb, int64_t j, int64_t p, const float *scale, float *dst);
+
+/* The outlier product of mr <= L8_OUT_MR rows against the 16 columns [j0, j0 + 16) when every
+ * outlier column is a column of B dequantized (W[o, j] = (float)B[j, cols[o]] * scale[j - j0],
+ * rounded to fp16 when round16): S as l8_outlier_product computes it, bit for bit, without
+ * storing W. Returns 1 when round16 and a rounded weight is infinite (S is then garbage).
+ * B packed for a SIMD kernel (AVX2). */
+int l8_outlier_fused_avx2(const l8_packed_b *pb, int64_t j0, const float *scale, const int32_t *cols,
+                          int64_t no, const float *X, int64_t ldx, int64_t mr, int round16, float *S,
+                          int64_t lds);
+
+/* *out = B's columns cols[0..nc) (in that order) packed for B's kernel: an (n, nc) weight.
+ * The int8 GEMM of the same columns of A gives the same int32 as the full one when A is 0
+ * in every other column. -1 when out of memory. */
+int l8_packed_b_select(const l8_packed_b *pb, const int32_t *cols, int64_t nc, l8_packed_b *out);
+
+/* Run the epilogue over every (MB x NB) tile of an (m, n) output with an all-zero int32
+ * tile: the GEMM's result when A is zero (no column left for the int8 product). */
+void l8_epilogue_zero(int64_t m, int64_t n, l8_epilogue ep, void *ctx, int nthreads);
+
+/* ---- the fp32 outlier product ----------------------------------------------------
+ * S (m, n) = X (m, no) @ W (no, n), X row-major with leading dimension ldx, W packed in
+ * panels of L8_OUT_NR columns: W[o, j] at Wp[(j / NR) * no * NR + o * NR + j % NR], the
+ * padding columns up to np = n rounded up to NR are zero; S has leading dimension lds >= np
+ * and its padding columns are written too.
+ *
+ * Summation order, the one definition every kernel (and the CUDA backend) follows:
+ *   s = +0; for o = 0, 1, ..., no - 1: s = fl(s + fl(X[i, o] * W[o, j]))
+ * every product rounded to fp32 before the add (no fused multiply-add), o ascending. So the
+ * result is the same for every kernel, blocking and thread count. simd: the AVX2 kernel
+ * (only when a SIMD GEMM kernel is supported), else the portable one. */
+#define L8_OUT_NR 16
+#define L8_OUT_MR 6 /* rows per micro-tile: 6 x 16 fp32 sums fill 12 of AVX2's 16 registers */
+void l8_outlier_product(const float *X, int64_t ldx, int64_t m, int64_t no, const float *Wp, int64_t n, float *S,
+                        int64_t lds, int simd, int nthreads);
+/* The AVX2 kernel's tile (gemm_x86.c): rows [0, mr) of X against no rows of one panel
+ * (Wpanel: no x 16), mr <= L8_OUT_MR; accumulate: continue the sums already in S. */
+void l8_outlier_tile_avx2(const float *X, int64_t ldx, int64_t mr, int64_t no, const float *Wpanel, float *S,
+                          int64_t lds, int accumulate);
 
 #endif

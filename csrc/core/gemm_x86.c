@@ -22,6 +22,7 @@
  *           may pass INT32_MAX midway, but int32 lanes wrap and the true result fits,
  *           so the result is exact.
  */
+#include <math.h>
 #include <stdlib.h>
 
 #include "gemm.h"
@@ -217,6 +218,133 @@ static T_AVX2 void tile_avx2(const void *As, const l8_packed_b *B, int64_t i0, i
     TILE_LOOP(ukr_avx2, int16_t)
 }
 
+/* ------------------------------------------------------------------ fp32 outlier product */
+/* The order of gemm.h: per output, o ascending, each product rounded before the add. A
+ * separate vmulps + vaddps (never vfmadd, which rounds once) gives exactly that; on Zen 3
+ * multiplies and adds issue on different pipes, so the pair costs no more throughput than
+ * one FMA. 6 rows x 16 columns: 12 independent sums hide the add latency. */
+#define OSTEP(r)                                                                                       \
+    do {                                                                                               \
+        if (mr > (r)) {                                                                                \
+            const __m256 av = _mm256_broadcast_ss(X + (r) * ldx + o);                                  \
+            s##r##0 = _mm256_add_ps(s##r##0, _mm256_mul_ps(av, b0));                                   \
+            s##r##1 = _mm256_add_ps(s##r##1, _mm256_mul_ps(av, b1));                                   \
+        }                                                                                              \
+    } while (0)
+#define OSTORE(r)                                                                                      \
+    do {                                                                                               \
+        if (mr > (r)) {                                                                                \
+            _mm256_storeu_ps(S + (r) * lds, s##r##0);                                                  \
+            _mm256_storeu_ps(S + (r) * lds + 8, s##r##1);                                              \
+        }                                                                                              \
+    } while (0)
+
+#define OLOAD(r)                                                                                       \
+    do {                                                                                               \
+        if (mr > (r)) {                                                                                \
+            s##r##0 = _mm256_loadu_ps(S + (r) * lds);                                                  \
+            s##r##1 = _mm256_loadu_ps(S + (r) * lds + 8);                                              \
+        }                                                                                              \
+    } while (0)
+
+static inline __attribute__((always_inline)) T_AVX2 void oukr_avx2(const float *X, int64_t ldx, int64_t no,
+                                                                     const float *W, float *S, int64_t lds,
+                                                                     const int mr, int accumulate) {
+    __m256 s00 = _mm256_setzero_ps(), s01 = s00, s10 = s00, s11 = s00, s20 = s00, s21 = s00, s30 = s00,
+           s31 = s00, s40 = s00, s41 = s00, s50 = s00, s51 = s00;
+    if (accumulate) { OLOAD(0); OLOAD(1); OLOAD(2); OLOAD(3); OLOAD(4); OLOAD(5); }
+    for (int64_t o = 0; o < no; o++) {
+        const __m256 b0 = _mm256_loadu_ps(W + o * L8_OUT_NR), b1 = _mm256_loadu_ps(W + o * L8_OUT_NR + 8);
+        OSTEP(0); OSTEP(1); OSTEP(2); OSTEP(3); OSTEP(4); OSTEP(5);
+    }
+    OSTORE(0); OSTORE(1); OSTORE(2); OSTORE(3); OSTORE(4); OSTORE(5);
+}
+_Static_assert(L8_OUT_MR == 6 && L8_OUT_NR == 16, "oukr_avx2 is written for 6 x 16");
+
+T_AVX2 void l8_outlier_tile_avx2(const float *X, int64_t ldx, int64_t mr, int64_t no, const float *Wpanel, float *S,
+                                 int64_t lds, int accumulate) {
+    switch (mr) {
+    case 1: oukr_avx2(X, ldx, no, Wpanel, S, lds, 1, accumulate); break;
+    case 2: oukr_avx2(X, ldx, no, Wpanel, S, lds, 2, accumulate); break;
+    case 3: oukr_avx2(X, ldx, no, Wpanel, S, lds, 3, accumulate); break;
+    case 4: oukr_avx2(X, ldx, no, Wpanel, S, lds, 4, accumulate); break;
+    case 5: oukr_avx2(X, ldx, no, Wpanel, S, lds, 5, accumulate); break;
+    default: oukr_avx2(X, ldx, no, Wpanel, S, lds, 6, accumulate); break;
+    }
+}
+
+/* B[j + r, p] * scale[r] for the 16 rows of a panel (0 in padding rows) into *w0 (rows 0-7)
+ * and *w1 (rows 8-15): one column of a panel, sign-extended in place from the pair (avx2) or
+ * quad (vnni) layout, then (float)B * scale as in the portable code. */
+static inline __attribute__((always_inline)) T_AVX2 void panel_column_f32(const l8_packed_b *pb, int64_t j, int64_t p,
+                                                                            __m256 sc0, __m256 sc1, __m256 *w0,
+                                                                            __m256 *w1) {
+    const int8_t *panel = pb->data + j * pb->kp;
+    __m256i lo, hi;
+    if (pb->kernel == L8_KERNEL_AVX2) { /* 16 rows x 2 bytes: byte p % 2 of each int16 lane */
+        __m256i v = _mm256_loadu_si256((const __m256i *)(panel + (p / 2) * 32));
+        v = p % 2 ? _mm256_srai_epi16(v, 8) : _mm256_srai_epi16(_mm256_slli_epi16(v, 8), 8);
+        lo = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(v));
+        hi = _mm256_cvtepi16_epi32(_mm256_extracti128_si256(v, 1));
+    } else { /* 16 rows x 4 bytes: byte p % 4 of each int32 lane */
+        const __m128i c = _mm_cvtsi32_si128(8 * (3 - (int)(p % 4)));
+        lo = _mm256_loadu_si256((const __m256i *)(panel + (p / 4) * 64));
+        hi = _mm256_loadu_si256((const __m256i *)(panel + (p / 4) * 64 + 32));
+        lo = _mm256_srai_epi32(_mm256_sll_epi32(lo, c), 24);
+        hi = _mm256_srai_epi32(_mm256_sll_epi32(hi, c), 24);
+    }
+    *w0 = _mm256_mul_ps(_mm256_cvtepi32_ps(lo), sc0);
+    *w1 = _mm256_mul_ps(_mm256_cvtepi32_ps(hi), sc1);
+}
+
+T_AVX2 void l8_panel_column_f32_avx2(const l8_packed_b *pb, int64_t j, int64_t p, const float *scale, float *dst) {
+    __m256 w0, w1;
+    panel_column_f32(pb, j, p, _mm256_loadu_ps(scale), _mm256_loadu_ps(scale + 8), &w0, &w1);
+    _mm256_storeu_ps(dst, w0);
+    _mm256_storeu_ps(dst + 8, w1);
+}
+
+/* The outlier product of a few rows straight from the int8 weight: each weight column of the
+ * panel is dequantized in registers and used at once, instead of being stored as fp32 and
+ * read back (at a few tokens that store and load cost more than the multiply-adds). The
+ * weights and the order of the sums are those of l8_outlier_product. */
+static inline __attribute__((always_inline)) T_AVX2 int ofused_avx2(const l8_packed_b *pb, int64_t j0,
+                                                                      const float *scale, const int32_t *cols,
+                                                                      int64_t no, const float *X, int64_t ldx,
+                                                                      int round16, float *S, int64_t lds,
+                                                                      const int mr) {
+    __m256 s00 = _mm256_setzero_ps(), s01 = s00, s10 = s00, s11 = s00, s20 = s00, s21 = s00, s30 = s00,
+           s31 = s00, s40 = s00, s41 = s00, s50 = s00, s51 = s00, inf = s00;
+    const __m256 sc0 = _mm256_loadu_ps(scale), sc1 = _mm256_loadu_ps(scale + 8);
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF)), vinf = _mm256_set1_ps(INFINITY);
+    for (int64_t o = 0; o < no; o++) {
+        __m256 b0, b1;
+        panel_column_f32(pb, j0, cols[o], sc0, sc1, &b0, &b1);
+        if (round16) { /* float16 x: the weight rounded to fp16; beyond its range is an error */
+            b0 = _mm256_cvtph_ps(_mm256_cvtps_ph(b0, _MM_FROUND_TO_NEAREST_INT));
+            b1 = _mm256_cvtph_ps(_mm256_cvtps_ph(b1, _MM_FROUND_TO_NEAREST_INT));
+            inf = _mm256_or_ps(inf, _mm256_cmp_ps(_mm256_and_ps(b0, absmask), vinf, _CMP_EQ_OQ));
+            inf = _mm256_or_ps(inf, _mm256_cmp_ps(_mm256_and_ps(b1, absmask), vinf, _CMP_EQ_OQ));
+        }
+        OSTEP(0); OSTEP(1); OSTEP(2); OSTEP(3); OSTEP(4); OSTEP(5);
+    }
+    OSTORE(0); OSTORE(1); OSTORE(2); OSTORE(3); OSTORE(4); OSTORE(5);
+    return _mm256_movemask_ps(inf) != 0;
+}
+
+T_AVX2 int l8_outlier_fused_avx2(const l8_packed_b *pb, int64_t j0, const float *scale, const int32_t *cols,
+                                 int64_t no, const float *X, int64_t ldx, int64_t mr, int round16, float *S,
+                                 int64_t lds) {
+    switch (mr) {
+    case 1: return ofused_avx2(pb, j0, scale, cols, no, X, ldx, round16, S, lds, 1);
+    case 2: return ofused_avx2(pb, j0, scale, cols, no, X, ldx, round16, S, lds, 2);
+    case 3: return ofused_avx2(pb, j0, scale, cols, no, X, ldx, round16, S, lds, 3);
+    case 4: return ofused_avx2(pb, j0, scale, cols, no, X, ldx, round16, S, lds, 4);
+    case 5: return ofused_avx2(pb, j0, scale, cols, no, X, ldx, round16, S, lds, 5);
+    default: return ofused_avx2(pb, j0, scale, cols, no, X, ldx, round16, S, lds, 6);
+    }
+}
+
 /* ------------------------------------------------------------------ AVX-VNNI */
 #ifdef L8_HAVE_AVXVNNI
 #define T_AVXVNNI __attribute__((target("avx2,fma,f16c,avxvnni")))
@@ -298,9 +426,23 @@ const l8_kernel_ops *l8_x86_kernel_ops(l8_kernel kern) {
     }
 }
 
-#else /* not x86-64: only the portable kernel exists */
+#else /* not x86-64: only the portable kernel exists, so these are never called */
 const l8_kernel_ops *l8_x86_kernel_ops(l8_kernel kern) {
     (void)kern;
     return NULL;
+}
+void l8_outlier_tile_avx2(const float *X, int64_t ldx, int64_t mr, int64_t no, const float *Wpanel, float *S,
+                          int64_t lds, int accumulate) {
+    (void)X; (void)ldx; (void)mr; (void)no; (void)Wpanel; (void)S; (void)lds; (void)accumulate;
+}
+void l8_panel_column_f32_avx2(const l8_packed_b *pb, int64_t j, int64_t p, const float *scale, float *dst) {
+    (void)pb; (void)j; (void)p; (void)scale; (void)dst;
+}
+int l8_outlier_fused_avx2(const l8_packed_b *pb, int64_t j0, const float *scale, const int32_t *cols,
+                          int64_t no, const float *X, int64_t ldx, int64_t mr, int round16, float *S,
+                          int64_t lds) {
+    (void)pb; (void)j0; (void)scale; (void)cols; (void)no; (void)X; (void)ldx; (void)mr; (void)round16; (void)S;
+    (void)lds;
+    return 0;
 }
 #endif

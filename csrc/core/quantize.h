@@ -44,9 +44,10 @@ int l8_quantize_rows_simd(const void *x, l8_dtype t, int64_t m, int64_t k, const
 void l8_round_f16_simd(float *v, int64_t n);
 
 /* One output row of the Int8Linear epilogue, for nb columns:
- *   y[c] = acc[c] * (sxi * sw[c]) + sum_o xo[o] * woT[o * ldw + c] (+ bias[c])
- * in fp32 with the epilogue's operation order, stored as fp32 or fp16. */
+ *   y[c] = (acc[c] * (sxi * sw[c]) + s[c]) (+ bias[c])
+ * in fp32 with the epilogue's operation order (s: the row's outlier sums, or NULL for +0),
+ * stored as fp32 or fp16. */
 void l8_dequantize_row_simd(const int32_t *acc, int64_t nb, float sxi, const float *sw, const float *bias,
-                            const float *woT, int64_t ldw, const float *xo, int64_t no, void *y, l8_dtype yt);
+                            const float *s, void *y, l8_dtype yt);
 
 #endif

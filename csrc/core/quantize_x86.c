@@ -232,17 +232,13 @@ T_SIMD void l8_round_f16_simd(float *v, int64_t n) {
 
 /* ------------------------------------------------------------------ dequantize */
 T_SIMD void l8_dequantize_row_simd(const int32_t *acc, int64_t nb, float sxi, const float *sw, const float *bias,
-                                   const float *woT, int64_t ldw, const float *xo, int64_t no, void *y,
-                                   l8_dtype yt) {
+                                   const float *s, void *y, l8_dtype yt) {
     const __m256 vs = _mm256_set1_ps(sxi);
     int64_t c = 0;
     for (; c + 8 <= nb; c += 8) {
         __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)(acc + c))),
                                  _mm256_mul_ps(vs, _mm256_loadu_ps(sw + c)));
-        __m256 s = _mm256_setzero_ps();
-        for (int64_t o = 0; o < no; o++)
-            s = _mm256_add_ps(s, _mm256_mul_ps(_mm256_set1_ps(xo[o]), _mm256_loadu_ps(woT + o * ldw + c)));
-        v = _mm256_add_ps(v, s);
+        v = _mm256_add_ps(v, s ? _mm256_loadu_ps(s + c) : _mm256_setzero_ps());
         if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + c));
         if (yt == L8_F16)
             _mm_storeu_si128((__m128i *)((uint16_t *)y + c), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
@@ -251,9 +247,7 @@ T_SIMD void l8_dequantize_row_simd(const int32_t *acc, int64_t nb, float sxi, co
     }
     for (; c < nb; c++) {
         float v = (float)acc[c] * (sxi * sw[c]);
-        float s = 0.0f;
-        for (int64_t o = 0; o < no; o++) s += xo[o] * woT[o * ldw + c];
-        v += s;
+        v += s ? s[c] : 0.0f;
         if (bias) v += bias[c];
         if (yt == L8_F16)
             ((uint16_t *)y)[c] = l8_float_to_half(v);
@@ -276,7 +270,7 @@ void l8_round_f16_simd(float *v, int64_t n) {
     for (int64_t i = 0; i < n; i++) v[i] = l8_round_f16(v[i]);
 }
 void l8_dequantize_row_simd(const int32_t *acc, int64_t nb, float sxi, const float *sw, const float *bias,
-                            const float *woT, int64_t ldw, const float *xo, int64_t no, void *y, l8_dtype yt) {
-    (void)acc; (void)nb; (void)sxi; (void)sw; (void)bias; (void)woT; (void)ldw; (void)xo; (void)no; (void)y; (void)yt;
+                            const float *s, void *y, l8_dtype yt) {
+    (void)acc; (void)nb; (void)sxi; (void)sw; (void)bias; (void)s; (void)y; (void)yt;
 }
 #endif
