@@ -35,6 +35,8 @@
  * -k fused (against the CPU backend). Time: benchmarks/bench_linear.py --fused.
  */
 #include <cuda_fp16.h>
+
+#include "device_common.h"
 #include <cuda_runtime.h>
 #include <limits.h>
 #include <stdint.h>
@@ -50,22 +52,6 @@ constexpr int FD_THREADS = 256, FD_WARPS = FD_THREADS / 32;
 constexpr int FD_LIST = 1024;              /* outlier columns listed in shared memory */
 constexpr unsigned FULL = 0xffffffffu;
 
-template <typename T> __device__ __forceinline__ float to_f(T v);
-template <> __device__ __forceinline__ float to_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
-
-template <typename T, int VEC>
-__device__ __forceinline__ void load_vec(const T *p, float (&v)[VEC]) {
-    if constexpr (VEC == 1) {
-        v[0] = to_f(p[0]);
-    } else {
-        static_assert(VEC * sizeof(T) == 16, "vector loads are 16 bytes");
-        const uint4 raw = *reinterpret_cast<const uint4 *>(p);
-        const T *e = reinterpret_cast<const T *>(&raw);
-#pragma unroll
-        for (int t = 0; t < VEC; t++) v[t] = to_f(e[t]);
-    }
-}
 
 /* quantize.c's quantize_one: round(127 x / s) to nearest even, clamped to [-127, 127].
  * quant_fast when 127 / s is finite; quant_tiny (a double division, a subroutine call)

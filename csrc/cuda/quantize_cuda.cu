@@ -37,6 +37,8 @@
  * Check: pytest tests/test_cuda.py (CUDA against the CPU backend). Time: benchmarks/bench_linear.py.
  */
 #include <cuda_fp16.h>
+
+#include "device_common.h"
 #include <cuda_runtime.h>
 #include <limits.h>
 #include <stdint.h>
@@ -57,24 +59,6 @@ constexpr int FBLOCK = 64;
 static_assert(QBLOCK % 32 == 0 && CBLOCK % 32 == 0 && FBLOCK % 32 == 0 && CBLOCK / 32 <= 32 && FBLOCK <= QBLOCK,
               "block scans assume whole warps");
 static_assert(CBLOCK / 32 >= L8_CUDA_SMALL_M, "small_m_kernel gives every row at least one warp");
-
-template <typename T> __device__ __forceinline__ float to_f(T v);
-template <> __device__ __forceinline__ float to_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
-
-/* VEC consecutive elements as floats, with one 16-byte load when VEC > 1. */
-template <typename T, int VEC>
-__device__ __forceinline__ void load_vec(const T *p, float (&v)[VEC]) {
-    if constexpr (VEC == 1) {
-        v[0] = to_f(p[0]);
-    } else {
-        static_assert(VEC * sizeof(T) == 16, "vector loads are 16 bytes");
-        uint4 raw = *reinterpret_cast<const uint4 *>(p);
-        const T *e = reinterpret_cast<const T *>(&raw);
-#pragma unroll
-        for (int t = 0; t < VEC; t++) v[t] = to_f(e[t]);
-    }
-}
 
 /* q = round(127 x / s) to nearest even, clamped to [-127, 127]: quantize.c's quantize_one.
  * __fmul_rn keeps the compiler from fusing; the double path covers subnormal scales. */
