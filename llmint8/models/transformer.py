@@ -672,6 +672,19 @@ class Model:
 
     def hidden_states(self, tokens, start_pos: int = 0, cache: dict | None = None) -> np.ndarray:
         """Final-normed hidden states (batch, seq, dim) float32 for int tokens (batch, seq)."""
+        x = self.embed(tokens, start_pos=start_pos)
+        x = self.run_blocks(x, 0, self.config["n_layers"], start_pos=start_pos, cache=cache)
+        with np.errstate(invalid="ignore", over="ignore"):
+            h = self._norm(x, "final_norm")
+        if self.dtype == np.float16 and not np.all(np.isfinite(h)):
+            warnings.warn(f"{self.name or 'model'}: activations overflowed float16 (|x| > 65504) and produced "
+                          f"inf/NaN; run this model with dtype='float32'", RuntimeWarning, stacklevel=3)
+        return h
+
+    def embed(self, tokens, start_pos: int = 0) -> np.ndarray:
+        """The input of the first transformer block (batch, seq, dim) float32 for int tokens
+        (batch, seq) (a 1-D sequence is treated as batch 1): token (and position) embeddings.
+        ``hidden_states`` is ``embed``, then :meth:`run_blocks` over every block, then the final norm."""
         cfg = self.config
         tokens = np.asarray(tokens)
         if tokens.ndim == 1:
@@ -692,20 +705,25 @@ class Model:
             x = x * np.float32(cfg["embed_scale"])
         if "pos_embed" in self.weights:
             x = x + self.weights["pos_embed"][pos + cfg["pos_offset"]].astype(np.float32)[None]
-        x = self._round(x)
+        return self._round(x)
+
+    def run_blocks(self, x: np.ndarray, start: int, stop: int, start_pos: int = 0,
+                   cache: dict | None = None) -> np.ndarray:
+        """Run transformer blocks ``start`` .. ``stop - 1`` on the residual stream ``x`` (batch,
+        seq, dim) float32 (the output of :meth:`embed`, or of an earlier ``run_blocks``) and
+        return theirs. Running blocks 0..i-1 once and then block i several times computes,
+        bit for bit, what full forward passes would: the outlier analysis reuses that prefix."""
+        n = self.config["n_layers"]
+        if not 0 <= start <= stop <= n:
+            raise ValueError(f"expected 0 <= start <= stop <= n_layers={n}, got start={start} stop={stop}")
+        pos = np.arange(start_pos, start_pos + x.shape[1])
         quiet = np.errstate(over="ignore", invalid="ignore") if self.dtype == np.float16 else contextlib.nullcontext()
         with quiet:
-            x = self._layers(x, pos, cache)
-        with np.errstate(invalid="ignore", over="ignore"):
-            h = self._norm(x, "final_norm")
-        if self.dtype == np.float16 and not np.all(np.isfinite(h)):
-            warnings.warn(f"{self.name or 'model'}: activations overflowed float16 (|x| > 65504) and produced "
-                          f"inf/NaN; run this model with dtype='float32'", RuntimeWarning, stacklevel=3)
-        return h
+            return self._layers(x, pos, cache, start, stop)
 
-    def _layers(self, x, pos, cache):
+    def _layers(self, x, pos, cache, start=0, stop=None):
         cfg = self.config
-        for i in range(cfg["n_layers"]):
+        for i in range(start, cfg["n_layers"] if stop is None else stop):
             p = f"layers.{i}."
             if cfg["parallel_residual"]:
                 a = self._attention(i, self._norm(x, p + "attn_norm"), pos, cache)
