@@ -1,9 +1,10 @@
-"""Command line: ``python -m llmint8 [--version] [demo|perplexity|analyze|quantize] ...``.
+"""Command line: ``python -m llmint8 [--version] [demo|perplexity|analyze|quantize|outliers] ...``.
 
   demo        backends, then error / memory / CPU time per method on a 4096x4096 layer (default)
   perplexity  perplexity of a real model by quantization method
   analyze     outlier-feature analysis of a real model (plots and a JSON report)
   quantize    quantize a model with LLM.int8() once and save it (llmint8 or bitsandbytes format)
+  outliers    each linear layer input's outlier columns (|x| >= threshold), with counts
 
 ``python -m llmint8 COMMAND --help`` describes each. Errors are one line on stderr; the exit
 code is 2 for a bad argument, 1 for a failure while running (see ``llmint8/_cli.py``).
@@ -18,6 +19,7 @@ COMMANDS = {
     "perplexity": ("llmint8.models.cli", "perplexity_main", "perplexity of a real model by method"),
     "analyze": ("llmint8.analysis.cli", "analyze_main", "outlier-feature analysis of a real model"),
     "quantize": ("llmint8.models.quantize_cli", "quantize_main", "quantize a model once and save it"),
+    "outliers": ("llmint8.analysis.cli", "outliers_main", "each linear input's outlier columns, with counts"),
 }
 
 

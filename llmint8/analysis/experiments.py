@@ -67,10 +67,14 @@ def tokenize_text(model: Any, text: str, n_tokens: int | None = None) -> np.ndar
     Only a prefix of a long text is encoded (doubling until enough tokens come out), so asking
     for a few hundred tokens of a megabyte file stays fast.
 
-    Returns int64 array ``(n,)``; raises ValueError when the text yields fewer than 2 tokens.
+    Returns int64 array ``(n,)``; raises ValueError when the model has no tokenizer or the text
+    yields fewer than 2 tokens.
     """
     if n_tokens is not None and n_tokens < 2:
         raise ValueError(f"n_tokens must be >= 2, got {n_tokens}")
+    if getattr(model, "tokenizer", None) is None:
+        raise ValueError(f"model {getattr(model, 'name', '') or type(model).__name__} has no tokenizer to encode "
+                         "the text (none was found beside its weights); load it with one, or pass token ids")
     if n_tokens is None:
         ids = model.tokenizer.encode(text, bos=True)
     else:
