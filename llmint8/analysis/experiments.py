@@ -142,13 +142,23 @@ def analyze_model(
         acc.update(name, x)
         return None
 
-    handle = model.add_hook(hook, kind="linear_input", names=wanted)
+    seqs = split_sequences(tokens, _default_seq_len(model, seq_len))
+    L = int((getattr(model, "config", None) or {}).get("n_layers", 1) or 1)
+    bar = _bar(progress, total=len(seqs) * L, desc="recording activations", unit="layer")
+    handles = [model.add_hook(hook, kind="linear_input", names=wanted)]
+    if bar is not None:  # one tick per layer: a sequence of a large model takes a while
+        handles.append(model.add_hook(lambda i, p: bar.update(1) if bar.n < bar.total else None,
+                                      kind="attention_probs"))
     try:
-        seqs = split_sequences(tokens, _default_seq_len(model, seq_len))
-        for s in _progress(seqs, progress, desc="recording activations", unit="seq"):
+        for k, s in enumerate(seqs):
             model.forward(s)
+            if bar is not None and bar.n < (k + 1) * L:
+                bar.update((k + 1) * L - bar.n)
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
+        if bar is not None:
+            bar.close()
     return acc.result(min_layer_share, min_position_share, position_aggregation)
 
 
