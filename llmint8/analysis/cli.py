@@ -270,6 +270,8 @@ def _estimate(model, args, n_tokens: int, seq_len: int) -> tuple[float, dict]:
     from llmint8.models.cli import _n_windows
 
     win = min(args.ppl_context, n_tokens) - 1
+    # the first pass pays one-time costs (page faults, BLAS threads starting): not timed
+    model.forward(np.zeros((1, min(win, 8) or 1), dtype=np.int64), logits=False)
     t0 = time.perf_counter()
     model.forward(np.zeros((1, max(win, 1)), dtype=np.int64), logits=False)
     t_tok = (time.perf_counter() - t0) / max(win, 1)          # seconds per token of forward pass
