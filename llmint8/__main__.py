@@ -1,10 +1,11 @@
-"""Command line: ``python -m llmint8 [--version] [demo|perplexity|analyze|quantize|generate] ...``.
+"""Command line: ``python -m llmint8 [--version] [demo|perplexity|analyze|quantize|generate|outliers] ...``.
 
   demo        backends, then error / memory / CPU time per method on a 4096x4096 layer (default)
   perplexity  perplexity of a real model by quantization method
   analyze     outlier-feature analysis of a real model (plots and a JSON report)
   quantize    quantize a model with LLM.int8() once and save it (llmint8 or bitsandbytes format)
   generate    text from a prompt, streamed, under one or several methods side by side
+  outliers    each linear layer input's outlier columns (|x| >= threshold), with counts
 
 ``python -m llmint8 COMMAND --help`` describes each. Errors are one line on stderr; the exit
 code is 2 for a bad argument, 1 for a failure while running (see ``llmint8/_cli.py``).
@@ -20,6 +21,7 @@ COMMANDS = {
     "analyze": ("llmint8.analysis.cli", "analyze_main", "outlier-feature analysis of a real model"),
     "quantize": ("llmint8.models.quantize_cli", "quantize_main", "quantize a model once and save it"),
     "generate": ("llmint8.models.generate_cli", "generate_main", "text from a prompt, streamed, by method"),
+    "outliers": ("llmint8.analysis.cli", "outliers_main", "each linear input's outlier columns, with counts"),
 }
 
 

@@ -26,6 +26,7 @@ import argparse
 import importlib.util
 import os
 import sys
+import tempfile
 from typing import Callable, Sequence
 
 __all__ = ["UsageError", "CommandError", "ArgumentParser", "run_command", "broken_pipe_exit", "require_module",
@@ -136,38 +137,91 @@ def _writable_parent(path: str, what: str) -> None:
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise UsageError(f"{what} {path!r}: folder {parent!r} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"{what} {path!r}: folder {parent!r} is not writable")
+
+
+def _why(e: OSError) -> str:
+    return e.strerror or type(e).__name__
+
+
+def _probe_file(path: str, what: str) -> None:
+    """Open ``path`` for writing the way the command will, without changing it: an existing
+    regular file is opened for appending (nothing written), a new one is created and removed.
+    ``os.access`` alone is not enough: it says yes to root everywhere, and knows nothing of
+    read-only or pseudo file systems (/proc, /sys) that refuse the file later."""
+    if os.path.exists(path):
+        if not os.path.isfile(path):
+            # a device or pipe (/dev/null, /dev/stdout): opening a pipe could block, so ask only
+            if not os.access(path, os.W_OK):
+                raise UsageError(f"{what} {path!r} exists and is not writable")
+            return
+        try:
+            with open(path, "ab"):
+                pass
+        except OSError as e:
+            raise UsageError(f"{what} {path!r} exists and cannot be written: {_why(e)}") from None
+        return
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except OSError as e:
+        raise UsageError(f"{what} {path!r} cannot be written: {_why(e)}") from None
+    os.close(fd)
+    try:
+        os.unlink(path)
+    except OSError:  # pragma: no cover - created a moment ago in a writable folder
+        pass
 
 
 def check_output_file(path: str, what: str = "output file") -> str:
     """Return ``path`` if a file can be written there (its folder exists and is writable; an
-    existing file is replaced, a folder is refused); else raise :class:`UsageError`."""
+    existing file is replaced, a folder is refused); else raise :class:`UsageError`. The check
+    opens the file for writing (see :func:`_probe_file`) and leaves no trace."""
     if os.path.isdir(path):
         raise UsageError(f"{what} {path!r} is a folder; expected a file name")
-    if os.path.exists(path) and not os.access(path, os.W_OK):
-        raise UsageError(f"{what} {path!r} exists and is not writable")
     _writable_parent(path, what)
+    _probe_file(path, what)
     return path
 
 
-def check_output_dir(path: str, what: str = "output folder") -> str:
-    """Return ``path`` if it is a writable folder or one that can be created; else raise
-    :class:`UsageError` (an existing file of that name, an unwritable parent)."""
-    if os.path.exists(path):
-        if not os.path.isdir(path):
-            raise UsageError(f"{what} {path!r} exists and is not a folder")
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise UsageError(f"{what} {path!r} is not writable")
-        return path
-    # the nearest existing ancestor must be a writable folder
-    parent = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise UsageError(f"{what} {path!r}: {parent!r} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"{what} {path!r} cannot be created: {parent!r} is not writable")
+def check_output_dir(path: str, what: str = "output folder", files: Sequence[str] = ()) -> str:
+    """Return ``path`` if it is a writable folder or one that can be created, and each of
+    ``files`` (names inside it that the command will write) can be written; else raise
+    :class:`UsageError` (an existing file of that name, a folder that cannot be created or
+    written, one of ``files`` that is a folder or read-only). The check creates the missing
+    folders and a file inside, and removes what it created."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{what} {path!r} exists and is not a folder")
+    created = []
+    if not os.path.exists(path):
+        # the nearest existing ancestor must be a folder
+        missing, parent = [], os.path.abspath(path)
+        while not os.path.exists(parent):
+            missing.append(parent)
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent):
+            raise UsageError(f"{what} {path!r}: {parent!r} is a file, not a folder")
+        for d in reversed(missing):
+            try:
+                os.mkdir(d)
+            except FileExistsError:
+                continue
+            except OSError as e:
+                _remove_dirs(created)
+                raise UsageError(f"{what} {path!r} cannot be created: {_why(e)} ({d!r})") from None
+            created.append(d)
+    try:
+        try:
+            fd, probe = tempfile.mkstemp(dir=path, prefix=".llmint8-write-test-")
+        except OSError as e:
+            raise UsageError(f"{what} {path!r} is not writable: {_why(e)}") from None
+        os.close(fd)
+        os.unlink(probe)
+        for name in files:
+            f = os.path.join(path, name)
+            if os.path.isdir(f):
+                raise UsageError(f"{what} {path!r}: {name!r} there is a folder; the command writes a file of that name")
+            _probe_file(f, what)
+    finally:
+        _remove_dirs(created)
     return path
 
 
@@ -197,6 +251,14 @@ def read_text_arg(path: str, what: str, max_chars: int | None = None) -> str:
         return read_text(path, max_chars)
     except (OSError, ValueError) as e:
         raise UsageError(f"{what}: {e}") from None
+
+
+def _remove_dirs(created: list) -> None:
+    for d in reversed(created):
+        try:
+            os.rmdir(d)
+        except OSError:  # pragma: no cover - someone else wrote into it meanwhile: keep it
+            break
 
 
 def positive_int(s: str) -> int:

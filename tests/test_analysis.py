@@ -17,8 +17,10 @@ from llmint8.analysis import (
     layer_key,
 )
 
+from data_paths import data_dir  # noqa: E402
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
+SHARED = pathlib.Path(data_dir() or ROOT.parent / "shared" / "data")  # $LLMINT8_DATA first
 STORIES = SHARED / "models" / "stories260K" / "stories260K.bin"
 WIKI = SHARED / "text" / "wikitext2_test.txt"
 

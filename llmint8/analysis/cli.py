@@ -7,6 +7,7 @@ Prints the summary table, writes ``report.json`` and PNG plots (``heatmap.png``,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -18,7 +19,8 @@ import numpy as np
 
 from .outliers import DEFAULT_MIN_LAYER_SHARE, DEFAULT_MIN_POSITION_SHARE, DEFAULT_THRESHOLD
 
-from .._cli import ArgumentParser, CommandError, UsageError, check_input_file, check_output_dir, require_module
+from .._cli import (ArgumentParser, CommandError, UsageError, check_input_file, check_output_dir,
+                    check_output_file, require_module)
 from .._cli import run_command
 from .._cli import add_tokenizer_argument, check_tokenizer, read_text_arg
 
@@ -86,20 +88,32 @@ def _positive_float(s: str) -> float:
     return v
 
 
+def _input_args(p: argparse.ArgumentParser) -> None:
+    """Options naming the model and the tokens to run, shared by ``analyze`` and ``outliers``."""
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"checkpoint path or model-zoo name (default: {DEFAULT_MODEL})")
+    add_tokenizer_argument(p)
+    p.add_argument("--device", default="cpu", help="where the model runs: cpu (default), cuda or cuda:N (needs "
+                                                  "CuPy: pip install 'llmint8[gpu]'); only the recorded layer "
+                                                  "inputs are copied to the host")
+    p.add_argument("--text", default=None,
+                   help="UTF-8 text file to run (default: the shared WikiText-2 test split when present)")
+    p.add_argument("--token-ids", default=None, metavar="FILE",
+                   help="run these token ids instead of a text (integers separated by spaces, commas or "
+                        "newlines, or a .npy array): for a model without a tokenizer, or text tokenized elsewhere")
+    p.add_argument("--tokens", "--max-tokens", dest="tokens", type=int, default=2048,
+                   help="number of tokens to analyse (default 2048)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="tokens per forward pass (default: model context, at most 512)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
         prog=PROG,
         description="Find outlier features (LLM.int8() paper, Section 4) in a model's projection inputs, "
                     "measure the effect of zeroing them, and plot the results.",
     )
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"checkpoint path or model-zoo name (default: {DEFAULT_MODEL})")
-    add_tokenizer_argument(p)
-    p.add_argument("--text", default=None,
-                   help="UTF-8 text file to run (default: the shared WikiText-2 test split when present)")
-    p.add_argument("--tokens", type=int, default=2048, help="number of tokens to analyse (default 2048)")
-    p.add_argument("--seq-len", type=int, default=None,
-                   help="tokens per forward pass (default: model context, at most 512)")
+    _input_args(p)
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default ./{DEFAULT_OUT})")
     g = p.add_argument_group("outlier criteria")
     g.add_argument("--threshold", type=_positive_float, default=DEFAULT_THRESHOLD,
@@ -121,9 +135,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="when no feature meets the criteria, zero the K largest-magnitude features instead")
     z.add_argument("--ppl-context", type=int, default=256, help="perplexity window (default 256)")
     z.add_argument("--ppl-stride", type=int, default=128, help="perplexity stride (default 128)")
-    p.add_argument("--device", default="cpu", help="where the model runs: cpu (default), cuda or cuda:N (needs "
-                                                  "CuPy: pip install 'llmint8[gpu]'); only the recorded layer "
-                                                  "inputs are copied to the host")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -150,19 +161,29 @@ def _analyze_command(argv: list[str]) -> int:
     return _run(build_parser().parse_args(argv))
 
 
-def _run(args) -> int:
-    from .experiments import analyze_model, tokenize_text, zeroing_experiment
+#: Files ``analyze`` writes into ``--out``; each is checked writable before any work.
+OUTPUT_FILES = ("report.json", "heatmap.png", "emergence.png", "magnitude.png", "zeroing.png")
 
+
+def _check_common(args) -> None:
     if args.tokens < 2:
         raise UsageError(f"--tokens must be at least 2, got {args.tokens}")
     if args.seq_len is not None and args.seq_len < 1:
         raise UsageError(f"--seq-len must be positive, got {args.seq_len}")
-    if args.seeds < 0 or args.zero_top < 0:
-        raise UsageError("--seeds and --zero-top must be >= 0")
-    if args.ppl_context < 2 or not 1 <= args.ppl_stride <= args.ppl_context:
-        raise UsageError(f"expected --ppl-context >= 2 and 1 <= --ppl-stride <= --ppl-context, got "
-                         f"--ppl-context {args.ppl_context} --ppl-stride {args.ppl_stride}")
-    # everything that can fail without computing is checked first: inputs, outputs, dependencies
+    if args.text and args.token_ids:
+        raise UsageError("pass --text or --token-ids, not both")
+
+
+def _read_inputs(args):
+    """(text, text_path, ids): what to run, read and checked before the model is loaded (with
+    --tokenizer and --device)."""
+    from llmint8.models.device import check_cli_device
+
+    check_tokenizer(args.tokenizer)
+    args.device = check_cli_device(args.device)
+    if args.token_ids:
+        path = pathlib.Path(check_input_file(args.token_ids, "--token-ids file"))
+        return None, path, _read_token_ids(path)
     if args.text:
         text_path = pathlib.Path(check_input_file(args.text, "text file"))
     else:
@@ -170,24 +191,39 @@ def _run(args) -> int:
         if text_path is None:
             raise UsageError(f"no text to analyse: pass --text FILE (the shared WikiText-2 file "
                              f"{'/'.join(_DEFAULT_TEXT)} was not found; looked in {_where_looked()})")
-    check_output_dir(args.out, "--out folder")
-    from llmint8.models.device import check_cli_device
-
-    device = check_cli_device(getattr(args, "device", "cpu"))
-    require_module("matplotlib", "analysis", "the plots")
-    if not args.no_progress:
-        require_module("tqdm", "analysis", "the progress bars (or pass --no-progress)")
     text = read_text_arg(str(text_path), "text file")
-    check_tokenizer(args.tokenizer)
     if not text.strip():
         raise UsageError(f"text file {str(text_path)!r} holds no text")
-    progress = not args.no_progress
+    return text, text_path, None
 
-    t0 = time.time()
+
+def _read_token_ids(path: pathlib.Path) -> np.ndarray:
+    """Token ids from a .npy array or a text file of integers (spaces, commas or newlines)."""
+    what = f"--token-ids file {str(path)!r}"
+    try:
+        if path.suffix == ".npy":
+            ids = np.load(path, allow_pickle=False)
+        else:
+            words = path.read_text(encoding="utf-8").replace(",", " ").split()
+            try:
+                ids = np.array([int(w) for w in words], dtype=np.int64)
+            except ValueError:
+                bad = next(w for w in words if not w.lstrip("+-").isdigit())
+                raise UsageError(f"{what}: {bad[:20]!r} is not an integer token id") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UsageError(f"{what} cannot be read: {e}") from None
+    if ids.ndim != 1 or ids.dtype.kind not in "iu":
+        raise UsageError(f"{what}: expected a 1-D array of integers, got shape {ids.shape} dtype {ids.dtype}")
+    if ids.size < 2:
+        raise UsageError(f"{what} holds fewer than 2 token ids")
+    return ids.astype(np.int64)
+
+
+def _load_checked(args):
     try:
         # one argument on the CPU without --tokenizer: _load(spec) is the seam tests replace
-        model = (_load(args.model) if device == "cpu" and args.tokenizer is None
-                 else _load(args.model, device=device, tokenizer=args.tokenizer))
+        model = (_load(args.model) if args.device == "cpu" and args.tokenizer is None
+                 else _load(args.model, device=args.device, tokenizer=args.tokenizer))
     except Exception as e:  # noqa: BLE001 - any loader failure becomes one line
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         hint = ""
@@ -196,22 +232,143 @@ def _run(args) -> int:
                     f"such as smollm2-135m, or set LLMINT8_DATA to the shared data folder (looked in "
                     f"{_where_looked()})")
         raise CommandError(f"cannot load model {args.model!r}: {msg}{hint}") from None
-    name = getattr(model, "name", str(args.model))
+    return model
+
+
+def _tokens_for(model, args, text, ids) -> np.ndarray:
+    from .experiments import tokenize_text
+
+    if ids is not None:
+        vocab = int((getattr(model, "config", None) or {}).get("vocab_size", 0) or 0)
+        if vocab and (ids.min() < 0 or ids.max() >= vocab):
+            raise UsageError(f"--token-ids: ids must lie in [0, {vocab}) for model {args.model!r}, got "
+                             f"[{ids.min()}, {ids.max()}]")
+        return ids[: args.tokens]
+    if getattr(model, "tokenizer", None) is None:
+        raise UsageError(f"model {args.model!r} has no tokenizer to encode the text (none was found beside its "
+                         f"weights); pass --token-ids FILE with the text's token ids instead")
     try:
-        tokens = tokenize_text(model, text, args.tokens)
+        return tokenize_text(model, text, args.tokens)
     except ValueError as e:
         raise CommandError(str(e)) from None
 
+
+def _fmt_seconds(s: float) -> str:
+    if s < 90:
+        return f"{s:.0f} s"
+    if s < 5400:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.1f} h"
+
+
+def _attention_share(cfg: dict, seq: int) -> float:
+    """Share of a block's multiply-adds up to its attention probabilities (q/k/v and q.k^T):
+    what the zeroing experiment recomputes per condition and layer."""
     try:
-        res = analyze_model(model, tokens, seq_len=args.seq_len, threshold=args.threshold,
-                            min_layer_share=args.min_layer_share, min_position_share=args.min_position_share,
-                            position_aggregation=args.position_aggregation, group_by=args.group_by,
-                            progress=progress)
-    except ValueError as e:
-        raise CommandError(str(e)) from None
+        d, h, kv, hd = (int(cfg[k]) for k in ("dim", "n_heads", "n_kv_heads", "head_dim"))
+        hidden = int(cfg["hidden_dim"])
+        ffn = (3 if cfg.get("gated") else 2) * d * hidden
+    except (KeyError, TypeError, ValueError):
+        return 0.5
+    qkv, scores = d * (h + 2 * kv) * hd, seq * h * hd
+    return (qkv + scores) / (qkv + h * hd * d + ffn + 2 * scores)
+
+
+def _estimate(model, args, n_tokens: int, seq_len: int) -> tuple[float, dict]:
+    """Seconds each phase should take, from one timed forward pass of a perplexity window."""
+    from llmint8.models.cli import _n_windows
+
+    win = min(args.ppl_context, n_tokens) - 1
+    # the first pass pays one-time costs (page faults, BLAS threads starting): not timed
+    model.forward(np.zeros((1, min(win, 8) or 1), dtype=np.int64), logits=False)
+    t0 = time.perf_counter()
+    model.forward(np.zeros((1, max(win, 1)), dtype=np.int64), logits=False)
+    t_tok = (time.perf_counter() - t0) / max(win, 1)          # seconds per token of forward pass
+    # overheads measured on SmolLM2-135M and stories260K (benchmarks/bench_analyze.py)
+    phases = {"recording": 1.3 * t_tok * n_tokens}
+    n_win = _n_windows(n_tokens, args.ppl_context, args.ppl_stride)
+    ppl = 1.2 * t_tok * n_win * (min(args.ppl_context, n_tokens) - 1)
+    phases["perplexity"] = ppl
+    if not args.no_zeroing:
+        n_edit = 1 + args.seeds
+        if args.zeroing_mode == "all":
+            top1 = (1 + n_edit) * t_tok * n_tokens
+        else:
+            top1 = t_tok * n_tokens * (1 + n_edit * _attention_share(model.config, seq_len))
+        phases["top-1 attention"] = top1
+        phases["zeroed perplexity"] = n_edit * ppl
+    return sum(phases.values()), phases
+
+
+class _Timer:
+    """Wall and CPU (user + sys of every thread of the process) seconds per phase."""
+
+    def __init__(self):
+        self.phases: dict[str, tuple[float, float]] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t0, c0 = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.add(name, time.perf_counter() - t0, time.process_time() - c0)
+
+    def add(self, name: str, wall: float, cpu: float) -> None:
+        w, c = self.phases.get(name, (0.0, 0.0))
+        self.phases[name] = (w + wall, c + cpu)
+
+    def to_dict(self) -> dict:
+        return {k: {"wall_s": round(w, 2), "cpu_s": round(c, 2)} for k, (w, c) in self.phases.items()}
+
+    def line(self) -> str:
+        return ", ".join(f"{k} {w:.0f} s ({c:.0f} s CPU)" for k, (w, c) in self.phases.items())
+
+
+def _run(args) -> int:
+    from .experiments import _can_run_blocks, _default_seq_len, analyze_model, zeroing_experiment
+
+    _check_common(args)
+    if args.seeds < 0 or args.zero_top < 0:
+        raise UsageError("--seeds and --zero-top must be >= 0")
+    if args.ppl_context < 2 or not 1 <= args.ppl_stride <= args.ppl_context:
+        raise UsageError(f"expected --ppl-context >= 2 and 1 <= --ppl-stride <= --ppl-context, got "
+                         f"--ppl-context {args.ppl_context} --ppl-stride {args.ppl_stride}")
+    # everything that can fail without computing is checked first: inputs, outputs, dependencies
+    text, text_path, ids = _read_inputs(args)
+    check_output_dir(args.out, "--out folder", files=OUTPUT_FILES)
+    require_module("matplotlib", "analysis", "the plots")
+    if not args.no_progress:
+        require_module("tqdm", "analysis", "the progress bars (or pass --no-progress)")
+    progress = not args.no_progress
+
+    t_start, c_start = time.perf_counter(), time.process_time()
+    timer = _Timer()
+    with timer("load"):
+        model = _load_checked(args)
+    name = getattr(model, "name", str(args.model))
+    tokens = _tokens_for(model, args, text, ids)
+    seq_len = _default_seq_len(model, args.seq_len)
+    if _can_run_blocks(model):  # an llmint8 model: its forward pass can be timed for the estimate
+        with timer("estimate"):
+            total, phases = _estimate(model, args, int(tokens.size), seq_len)
+        print(f"model {name}: {tokens.size} tokens in sequences of {seq_len}; estimated {_fmt_seconds(total)} ("
+              + ", ".join(f"{k} {_fmt_seconds(v)}" for k, v in phases.items())
+              + (", zeroing only if outlier features are found" if "top-1 attention" in phases else "") + ")",
+              flush=True)
+
+    with timer("recording"):
+        try:
+            res = analyze_model(model, tokens, seq_len=args.seq_len, threshold=args.threshold,
+                                min_layer_share=args.min_layer_share, min_position_share=args.min_position_share,
+                                position_aggregation=args.position_aggregation, group_by=args.group_by,
+                                progress=progress)
+        except ValueError as e:
+            raise CommandError(str(e)) from None
     s = res.summary
     ppl_fn = _perplexity_fn()
-    ppl = ppl_fn(model, tokens, context=args.ppl_context, stride=args.ppl_stride, progress=progress)
+    with timer("perplexity"):
+        ppl = ppl_fn(model, tokens, context=args.ppl_context, stride=args.ppl_stride, progress=progress)
 
     print(f"model {name} ({getattr(model, 'n_params', 0):,} parameters), {tokens.size} tokens of {text_path.name}, "
           f"perplexity {ppl['ppl']:.3f}")
@@ -228,9 +385,13 @@ def _run(args) -> int:
             feats = [int(i) for i in order[: args.zero_top]]
             zero_note = f"no outlier features; zeroed the {len(feats)} largest-magnitude features instead"
         if feats:
+            zt: dict = {}
             zero = zeroing_experiment(model, tokens, feats, seeds=tuple(range(args.seeds)), seq_len=args.seq_len,
                                       mode=args.zeroing_mode, ppl_context=args.ppl_context,
-                                      ppl_stride=args.ppl_stride, perplexity_fn=ppl_fn, progress=progress)
+                                      ppl_stride=args.ppl_stride, perplexity_fn=ppl_fn, baseline_perplexity=ppl,
+                                      progress=progress, timings=zt)
+            for k, (w, c) in zt.items():
+                timer.add(k, w, c)
             print()
             if zero_note:
                 print(zero_note)
@@ -240,24 +401,26 @@ def _run(args) -> int:
             print(zero_note)
 
     out = pathlib.Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise CommandError(f"cannot create {out}: {e}") from None
-    from . import plots
-    from .paper import PAPER_SOURCE, PAPER_TABLE4
+    with timer("plots"):
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise CommandError(f"cannot create {out}: {e}") from None
+        from . import plots
+        from .paper import PAPER_SOURCE, PAPER_TABLE4
 
-    rec = plots.model_record(name, getattr(model, "n_params", 0), s, ppl=ppl["ppl"])
-    plots.plot_heatmap(res, title=f"{name}: max |x| by layer and feature", max_features=256,
-                       path=out / "heatmap.png")
-    plots.plot_emergence([rec], text_name=text_path.name, path=out / "emergence.png")
-    plots.plot_magnitude([rec], path=out / "magnitude.png")
-    if zero is not None:
-        plots.plot_zeroing(zero, title=f"{name}: zeroing features before the attention projections",
-                           path=out / "zeroing.png")
-    import matplotlib.pyplot as plt
+        rec = plots.model_record(name, getattr(model, "n_params", 0), s, ppl=ppl["ppl"])
+        plots.plot_heatmap(res, title=f"{name}: max |x| by layer and feature", max_features=256,
+                           path=out / "heatmap.png")
+        plots.plot_emergence([rec], text_name=text_path.name, path=out / "emergence.png")
+        plots.plot_magnitude([rec], path=out / "magnitude.png")
+        if zero is not None:
+            plots.plot_zeroing(zero, title=f"{name}: zeroing features before the attention projections",
+                               path=out / "zeroing.png")
+        import matplotlib.pyplot as plt
 
-    plt.close("all")
+        plt.close("all")
+    wall, cpu = time.perf_counter() - t_start, time.process_time() - c_start
     report = {
         "model": {"spec": args.model, "name": name, "n_params": getattr(model, "n_params", None),
                   "arch": getattr(model, "arch", None), "config": getattr(model, "config", None)},
@@ -274,11 +437,105 @@ def _run(args) -> int:
         "zeroing": zero.to_dict() if zero is not None else None,
         "zeroing_note": zero_note,
         "paper_reference": {"source": PAPER_SOURCE, "table4": PAPER_TABLE4},
-        "seconds": round(time.time() - t0, 2),
+        "seconds": round(wall, 2),
+        "cpu_seconds": round(cpu, 2),
+        "timings": timer.to_dict(),
     }
-    (out / "report.json").write_text(json.dumps(_jsonable(report), indent=2))
+    try:
+        (out / "report.json").write_text(json.dumps(_jsonable(report), indent=2))
+    except OSError as e:
+        raise CommandError(f"cannot write {out / 'report.json'}: {e.strerror or e}") from None
     print(f"\nwrote {out / 'report.json'} and plots to {out}/")
+    print(f"took {_fmt_seconds(wall)} ({_fmt_seconds(cpu)} CPU): {timer.line()}")
     return 0
+
+
+OUTLIERS_PROG = "python -m llmint8 outliers"
+
+
+def build_outliers_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(
+        prog=OUTLIERS_PROG,
+        description="List, for every linear layer's input, the feature columns with any |x| >= threshold: the "
+                    "columns LLM.int8() multiplies in fp16 there. Inputs shared by several projections (q/k/v, "
+                    "FFN gate/up) are listed once.")
+    _input_args(p)
+    p.add_argument("--threshold", type=_positive_float, default=DEFAULT_THRESHOLD,
+                   help="magnitude bound, |x| >= threshold (default 6.0)")
+    p.add_argument("--top", type=int, default=10, metavar="K",
+                   help="columns printed per input, most frequent first (default 10; 0 prints all)")
+    p.add_argument("--json", default=None, metavar="FILE",
+                   help="also write every input's columns, counts and largest |x| as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def outliers_main(argv: list[str] | None = None) -> int:
+    """``python -m llmint8 outliers``; returns the exit status (0 ok, 2 bad argument, 1 failure)."""
+    return run_command(OUTLIERS_PROG, _outliers_command, sys.argv[1:] if argv is None else argv)
+
+
+def _outliers_command(argv: list[str]) -> int:
+    from .experiments import analyze_model
+
+    args = build_outliers_parser().parse_args(argv)
+    _check_common(args)
+    if args.top < 0:
+        raise UsageError(f"--top must be >= 0, got {args.top}")
+    text, text_path, ids = _read_inputs(args)
+    if args.json:
+        check_output_file(args.json, "--json file")
+    if not args.no_progress:
+        require_module("tqdm", "analysis", "the progress bars (or pass --no-progress)")
+    model = _load_checked(args)
+    name = getattr(model, "name", str(args.model))
+    tokens = _tokens_for(model, args, text, ids)
+    try:
+        # every linear's input, the FFN contraction's too: LLM.int8() decomposes all of them
+        res = analyze_model(model, tokens, seq_len=args.seq_len, threshold=args.threshold,
+                            names=list(model.linear_names), progress=not args.no_progress)
+    except ValueError as e:
+        raise CommandError(str(e)) from None
+    rows = []
+    for key in sorted(res.input_hit_count, key=_input_order):
+        count = res.input_hit_count[key]
+        cols = np.flatnonzero(count)
+        order = cols[np.argsort(-count[cols], kind="stable")]
+        rows.append(dict(input=key, names=res.input_names.get(key, [key]), width=int(count.size),
+                         positions=res.input_positions[key], n_columns=int(cols.size),
+                         columns=[int(c) for c in order], counts=[int(count[c]) for c in order],
+                         max_abs=[float(res.input_max_abs[key][c]) for c in order]))
+    n = int(tokens.size)
+    print(f"model {name}: {n} tokens of {text_path.name}; columns with any |x| >= {args.threshold:g} "
+          f"per linear input (column: positions reaching it)")
+    w = max(len(r["input"]) for r in rows)
+    for r in rows:
+        shown = r["columns"] if args.top == 0 else r["columns"][: args.top]
+        listing = ", ".join(f"{c}: {k}" for c, k in zip(shown, r["counts"]))
+        more = f", ... (+{r['n_columns'] - len(shown)})" if len(shown) < r["n_columns"] else ""
+        print(f"  {r['input']:<{w}}  {r['n_columns']:>4} of {r['width']:<5}  {listing}{more}")
+    total = sum(r["n_columns"] for r in rows)
+    print(f"{total} outlier columns over {len(rows)} inputs (attn_in: the input of q, k and v; ffn_in: of the "
+          f"FFN's gate and up); `python -m llmint8 analyze` applies the paper's outlier-feature criteria")
+    if args.json:
+        report = {"model": name, "spec": args.model, "source": str(text_path), "n_tokens": n,
+                  "threshold": args.threshold, "inputs": rows}
+        try:
+            with open(args.json, "w") as f:
+                json.dump(report, f, indent=2)
+        except OSError as e:
+            raise CommandError(f"cannot write {args.json!r}: {e.strerror or e}") from None
+    return 0
+
+
+def _input_order(key: str):
+    from .outliers import _block_index
+
+    i = _block_index(key)
+    part = ("attn_in", "attn.o", "ffn_in", "mlp.down")
+    tail = key.rsplit(".", 1)[-1] if "." in key else key
+    rank = next((j for j, p in enumerate(part) if key.endswith(p)), len(part))
+    return (i if i is not None else 1 << 30, rank, tail)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -49,16 +50,31 @@ def _progress(it, enabled: bool, **kw):
     return tqdm(it, **kw)
 
 
+def _bar(enabled: bool, **kw):
+    """A tqdm progress bar (None when disabled or tqdm is missing)."""
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # progress bars are optional
+        return None
+    return tqdm(**kw)
+
+
 def tokenize_text(model: Any, text: str, n_tokens: int | None = None) -> np.ndarray:
     """Encode ``text`` with the model's tokenizer (BOS first), keeping ``n_tokens`` tokens.
 
     Only a prefix of a long text is encoded (doubling until enough tokens come out), so asking
     for a few hundred tokens of a megabyte file stays fast.
 
-    Returns int64 array ``(n,)``; raises ValueError when the text yields fewer than 2 tokens.
+    Returns int64 array ``(n,)``; raises ValueError when the model has no tokenizer or the text
+    yields fewer than 2 tokens.
     """
     if n_tokens is not None and n_tokens < 2:
         raise ValueError(f"n_tokens must be >= 2, got {n_tokens}")
+    if getattr(model, "tokenizer", None) is None:
+        raise ValueError(f"model {getattr(model, 'name', '') or type(model).__name__} has no tokenizer to encode "
+                         "the text (none was found beside its weights); load it with one, or pass token ids")
     if n_tokens is None:
         ids = model.tokenizer.encode(text, bos=True)
     else:
@@ -126,13 +142,23 @@ def analyze_model(
         acc.update(name, x)
         return None
 
-    handle = model.add_hook(hook, kind="linear_input", names=wanted)
+    seqs = split_sequences(tokens, _default_seq_len(model, seq_len))
+    L = int((getattr(model, "config", None) or {}).get("n_layers", 1) or 1)
+    bar = _bar(progress, total=len(seqs) * L, desc="recording activations", unit="layer")
+    handles = [model.add_hook(hook, kind="linear_input", names=wanted)]
+    if bar is not None:  # one tick per layer: a sequence of a large model takes a while
+        handles.append(model.add_hook(lambda i, p: bar.update(1) if bar.n < bar.total else None,
+                                      kind="attention_probs"))
     try:
-        seqs = split_sequences(tokens, _default_seq_len(model, seq_len))
-        for s in _progress(seqs, progress, desc="recording activations", unit="seq"):
+        for k, s in enumerate(seqs):
             model.forward(s)
+            if bar is not None and bar.n < (k + 1) * L:
+                bar.update((k + 1) * L - bar.n)
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
+        if bar is not None:
+            bar.close()
     return acc.result(min_layer_share, min_position_share, position_aggregation)
 
 
@@ -159,6 +185,74 @@ def _zero_hook(features: np.ndarray, allowed: set[str]) -> Callable:
     return hook
 
 
+def _can_run_blocks(model: Any) -> bool:
+    # llmint8.models.Model offers its blocks one at a time; a duck-typed model may not
+    return callable(getattr(model, "embed", None)) and callable(getattr(model, "run_blocks", None))
+
+
+def _top1_independent_by_block(
+    model: Any,
+    seqs: list[np.ndarray],
+    conditions: Sequence[np.ndarray],
+    projections: Sequence[str],
+    bar=None,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Independent-mode sums and counts of the top-1 probabilities for several sets of zeroed
+    features at once, reusing the unmodified prefix.
+
+    In independent mode, the pass that measures layer ``l`` edits only layer ``l``'s inputs, so
+    blocks ``0 .. l-1`` see exactly the unmodified forward pass. Each sequence therefore runs
+    through the blocks once, unmodified (its own attention probabilities give the conditions
+    that zero nothing), and at every block ``l`` the block alone is run again from the same
+    residual stream once per condition, with the features zeroed, up to its attention
+    probabilities. The per-layer sums see the sequences in the same order as one full forward
+    pass per layer and sequence would: the results are bit-identical to that, at about the cost
+    of ``1 + len(conditions) * (share of a block up to its attention)`` forward passes instead
+    of ``len(conditions) * n_layers / 2``.
+    """
+    L = int(model.config["n_layers"])
+    res = [(np.zeros(L), np.zeros(L)) for _ in conditions]
+    plain = [i for i, f in enumerate(conditions) if f.size == 0]
+    edited = [i for i, f in enumerate(conditions) if f.size]
+    current: dict = {}   # which condition and layer the probability hook is reading
+
+    def probs_hook(layer_index, probs):
+        if layer_index != current["layer"]:
+            return None
+        p = np.asarray(probs)
+        top = float(p.max(axis=-1).sum(dtype=np.float64))
+        rows = p.size // p.shape[-1]
+        for c in current["conds"]:
+            res[c][0][layer_index] += top
+            res[c][1][layer_index] += rows
+        if current["stop"]:
+            raise _StopForward
+        return None
+
+    hp = model.add_hook(probs_hook, kind="attention_probs")
+    try:
+        for s in seqs:
+            x = model.embed(s)
+            for layer in range(L):
+                names = _attn_layer_names(model, layer, projections)
+                for c in edited:
+                    current.update(layer=layer, conds=(c,), stop=True)
+                    hz = model.add_hook(_zero_hook(conditions[c], set(names)), kind="linear_input", names=names)
+                    try:
+                        model.run_blocks(x, layer, layer + 1)
+                    except _StopForward:
+                        pass
+                    finally:
+                        hz.remove()
+                current.update(layer=layer, conds=tuple(plain), stop=False)
+                x = model.run_blocks(x, layer, layer + 1)
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        hp.remove()
+    return res
+
+
 def mean_top1_attention(
     model: Any,
     tokens: np.ndarray,
@@ -177,15 +271,33 @@ def mean_top1_attention(
     ``zero_features`` are set to zero in the inputs of ``projections`` (default q, k, v).
     ``mode="independent"`` (the paper's procedure) zeroes them in one layer at a time and
     reads that layer's probabilities, so earlier layers run unmodified and errors do not
-    cascade (one forward pass per layer and sequence, each stopped right after the layer it
-    measures). ``mode="all"`` zeroes them in every
-    layer in a single pass (cheaper; later layers also see the earlier layers' changes).
+    cascade. On a model that runs its blocks one at a time (``embed`` / ``run_blocks``, as
+    :class:`llmint8.models.Model` does) the unmodified prefix is computed once per sequence and
+    each layer's edited block is run from it; on any other model, one forward pass per layer
+    and sequence, each stopped right after the layer it measures. Both give the same numbers.
+    ``mode="all"`` zeroes them in every layer in a single pass (later layers also see the
+    earlier layers' changes).
     """
     if mode not in ("independent", "all"):
         raise ValueError(f"mode must be 'independent' or 'all', got {mode!r}")
     feats = np.asarray(sorted(set(int(f) for f in zero_features)), dtype=np.int64)
-    L = int(model.config["n_layers"])
     seqs = split_sequences(tokens, _default_seq_len(model, seq_len))
+    if mode == "independent" and feats.size and _can_run_blocks(model):
+        L = int(model.config["n_layers"])
+        bar = _bar(progress, total=len(seqs) * L, desc="top-1 attention", unit="layer")
+        try:
+            (sums, counts), = _top1_independent_by_block(model, seqs, [feats], projections, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return sums / counts
+    return _top1_by_forward(model, seqs, feats, projections, mode, progress)
+
+
+def _top1_by_forward(model, seqs, feats, projections, mode, progress):
+    """mean_top1_attention through whole forward passes (any model with the hook interface)."""
+    L = int(model.config["n_layers"])
     sums = np.zeros(L)
     counts = np.zeros(L)
 
@@ -311,7 +423,9 @@ def zeroing_experiment(
     ppl_context: int = 256,
     ppl_stride: int = 128,
     perplexity_fn: Callable | None = None,
+    baseline_perplexity: dict | None = None,
     progress: bool = False,
+    timings: dict | None = None,
 ) -> ZeroingResult:
     """The paper's Section 4.2 experiment: zero outlier features before the attention projections.
 
@@ -327,16 +441,25 @@ def zeroing_experiment(
     projections:
         Suffixes of the linears whose inputs are edited (default q, k, v; they share one input).
     mode:
-        How the top-1 probability is measured; see :func:`mean_top1_attention`.
+        How the top-1 probability is measured; see :func:`mean_top1_attention` (in independent
+        mode every condition is measured in one sweep over the blocks, sharing the unmodified
+        prefix, when the model runs its blocks one at a time).
     measure_ppl:
         Also compute perplexity with the features zeroed in every layer, using
         ``perplexity_fn(model, tokens, context=, stride=, progress=)`` (default
         :func:`llmint8.models.perplexity`).
+    baseline_perplexity:
+        The result of ``perplexity_fn`` on the unmodified model with the same tokens, context
+        and stride, when already computed: used for the baseline instead of computing it again.
+    timings:
+        A dict that receives ``{"top-1 attention": (wall_s, cpu_s), "zeroed perplexity": ...}``.
 
     Returns
     -------
     ZeroingResult
     """
+    if mode not in ("independent", "all"):
+        raise ValueError(f"mode must be 'independent' or 'all', got {mode!r}")
     feats = tuple(sorted(set(int(f) for f in features)))
     width = int(model.config["dim"])
     if any(f < 0 or f >= width for f in feats):
@@ -346,26 +469,6 @@ def zeroing_experiment(
     tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
     all_names = _attn_layer_names(model, None, projections)
 
-    def ppl_with(fs: tuple[int, ...]) -> tuple[float, float]:
-        if not measure_ppl:
-            return float("nan"), float("nan")
-        h = None
-        if fs:
-            h = model.add_hook(_zero_hook(np.asarray(fs, np.int64), set(all_names)),
-                               kind="linear_input", names=all_names)
-        try:
-            r = perplexity_fn(model, tokens, context=ppl_context, stride=ppl_stride, progress=False)
-        finally:
-            if h is not None:
-                h.remove()
-        return float(r["ppl"]), float(r["nll"])
-
-    def condition(label: str, fs: tuple[int, ...]) -> ZeroingRun:
-        per_layer = mean_top1_attention(model, tokens, seq_len=seq_len, zero_features=fs,
-                                        projections=projections, mode=mode)
-        ppl, nll = ppl_with(fs)
-        return ZeroingRun(label, fs, float(np.mean(per_layer)), tuple(float(v) for v in per_layer), ppl, nll)
-
     others = np.array([f for f in range(width) if f not in set(feats)], dtype=np.int64)
     plan = [("baseline", ()), ("outliers zeroed", feats)]
     for s in seeds:
@@ -373,5 +476,50 @@ def zeroing_experiment(
         k = min(len(feats), others.size)
         pick = tuple(sorted(int(f) for f in rng.choice(others, size=k, replace=False))) if k else ()
         plan.append((f"random (seed {s})", pick))
-    runs = [condition(lbl, fs) for lbl, fs in _progress(plan, progress, desc="zeroing experiment", unit="run")]
+
+    # top-1 attention of every condition
+    t0, c0 = time.perf_counter(), time.process_time()
+    conds = [np.asarray(fs, dtype=np.int64) for _, fs in plan]
+    if mode == "independent" and _can_run_blocks(model):
+        seqs = split_sequences(tokens, _default_seq_len(model, seq_len))
+        L = int(model.config["n_layers"])
+        bar = _bar(progress, total=len(seqs) * L, desc=f"top-1 attention, {len(plan)} conditions", unit="layer")
+        try:
+            sc = _top1_independent_by_block(model, seqs, conds, projections, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            top1 = [sums / counts for sums, counts in sc]
+    else:
+        top1 = [mean_top1_attention(model, tokens, seq_len=seq_len, zero_features=fs, projections=projections,
+                                    mode=mode)
+                for _, fs in _progress(plan, progress, desc="top-1 attention", unit="condition")]
+    if timings is not None:
+        timings["top-1 attention"] = (time.perf_counter() - t0, time.process_time() - c0)
+
+    def ppl_with(fs: tuple[int, ...]) -> tuple[float, float]:
+        if not measure_ppl:
+            return float("nan"), float("nan")
+        if not fs and baseline_perplexity is not None:
+            return float(baseline_perplexity["ppl"]), float(baseline_perplexity["nll"])
+        h = None
+        if fs:
+            h = model.add_hook(_zero_hook(np.asarray(fs, np.int64), set(all_names)),
+                               kind="linear_input", names=all_names)
+        try:
+            r = perplexity_fn(model, tokens, context=ppl_context, stride=ppl_stride, progress=progress)
+        finally:
+            if h is not None:
+                h.remove()
+        return float(r["ppl"]), float(r["nll"])
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    runs = []
+    for (label, fs), per_layer in zip(_progress(plan, progress and measure_ppl, desc="perplexity, features zeroed",
+                                                unit="condition"), top1):
+        ppl, nll = ppl_with(fs)
+        runs.append(ZeroingRun(label, fs, float(np.mean(per_layer)), tuple(float(v) for v in per_layer), ppl, nll))
+    if timings is not None:
+        timings["zeroed perplexity"] = (time.perf_counter() - t0, time.process_time() - c0)
     return ZeroingResult(runs[0], runs[1], tuple(runs[2:]), tuple(projections), mode, int(tokens.size))

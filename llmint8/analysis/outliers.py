@@ -241,6 +241,10 @@ class OutlierAnalysis:
       ``(width,)`` arrays of the same statistics for that input alone.
     * ``input_rms``: per input key, the root-mean-square of all its values (its typical scale;
       the paper's fixed threshold 6.0 presumes features of roughly unit scale).
+    * ``input_hit_count``: per input key, int64 ``(width,)``: positions at which each feature
+      (column) reaches the threshold in that input; ``input_positions``: the positions it saw;
+      ``input_names``: the recorded names that read it (q, k and v share one input). The columns
+      with a nonzero count are those LLM.int8() multiplies in fp16 for that input.
     """
 
     layers: list[str]
@@ -255,6 +259,9 @@ class OutlierAnalysis:
     summary: OutlierSummary
     input_rms: dict[str, float] = dataclasses.field(default_factory=dict)
     _base_rate: float = float("nan")
+    input_hit_count: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    input_positions: dict[str, int] = dataclasses.field(default_factory=dict)
+    input_names: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
     @property
     def features(self) -> tuple[int, ...]:
@@ -328,6 +335,7 @@ class OutlierAccumulator:
         self._sumsq: dict[str, float] = {}         # per input key, for the typical scale (RMS)
         self._masks: dict[str, list[tuple[int, np.ndarray]]] = {}   # per input key
         self._occ: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}  # (feature idx, value)
+        self._names_of: dict[str, list[str]] = {}  # per input key, the names that read it
 
     def wants(self, name: str) -> bool:
         """Whether inputs recorded under ``name`` are analysed."""
@@ -349,6 +357,8 @@ class OutlierAccumulator:
             raise ValueError(f"{name}: activations must be numeric, got dtype {a.dtype}")
         n, d = a.shape
         key = input_key(name)
+        if name not in self._names_of.setdefault(key, []):
+            self._names_of[key].append(name)
         start = self._cursor.get(name, 0)
         self._cursor[name] = start + n
         if key in self._width and self._width[key] != d:
@@ -523,6 +533,9 @@ class OutlierAccumulator:
             summary=summary,
             input_rms={k: (float(np.sqrt(self._sumsq[k] / (self._done[k] * self._width[k])))
                            if self._done[k] and self._width[k] else 0.0) for k in self._order},
+            input_hit_count={k: self._count[k].copy() for k in self._order},
+            input_positions={k: int(self._done[k]) for k in self._order},
+            input_names={k: list(v) for k, v in self._names_of.items()},
             _base_rate=(float(sum(int(self._count[k].sum()) for k in used)
                               / sum(self._done[k] * self._width[k] for k in used))
                         if N and d else float("nan")),

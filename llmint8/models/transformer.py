@@ -1150,7 +1150,25 @@ class Model:
 
     def hidden_states(self, tokens, start_pos: int = 0, cache: "dict | KVCache | None" = None):
         """Final-normed hidden states (batch, seq, dim) float32 for int tokens (batch, seq), on the
-        model's device (NumPy or CuPy). ``cache``: a :class:`KVCache` (or a dict, the older form)."""
+        model's device (NumPy or CuPy). ``cache``: a :class:`KVCache` (or a dict, the older form).
+        It is :meth:`embed`, then :meth:`run_blocks` over every block, then the final norm."""
+        xp = self.xp
+        x = self.embed(tokens, start_pos=start_pos, cache=cache)
+        x = self.run_blocks(x, 0, self.config["n_layers"], start_pos=start_pos, cache=cache)
+        if isinstance(cache, KVCache):
+            cache.length = int(start_pos) + x.shape[1]
+        with np.errstate(invalid="ignore", over="ignore"):
+            h = self._norm(x, "final_norm")
+        if self.dtype == np.float16 and not bool(xp.all(xp.isfinite(h))):
+            warnings.warn(f"{self.name or 'model'}: activations overflowed float16 (|x| > 65504) and produced "
+                          f"inf/NaN; run this model with dtype='float32'", RuntimeWarning, stacklevel=3)
+        return h
+
+    def embed(self, tokens, start_pos: int = 0, cache: "dict | KVCache | None" = None):
+        """The input of the first transformer block (batch, seq, dim) float32 for int tokens
+        (batch, seq) (a 1-D sequence is treated as batch 1), on the model's device: token (and
+        position) embeddings. Checks the ids and positions, and reserves room in ``cache`` (a
+        :class:`KVCache`) for them."""
         cfg = self.config
         xp = self.xp
         on_device = xp is not np and _dev.xp_of(tokens) is xp
@@ -1188,18 +1206,19 @@ class Model:
         if "pos_embed" in self.weights:
             off = start_pos + cfg["pos_offset"]
             x = x + self.weights["pos_embed"][off:off + T].astype(np.float32)[None]
-        x = self._round(x)
+        return self._round(x)
+
+    def run_blocks(self, x, start: int, stop: int, start_pos: int = 0, cache: "dict | KVCache | None" = None):
+        """Run transformer blocks ``start`` .. ``stop - 1`` on the residual stream ``x`` (batch,
+        seq, dim) float32 (the output of :meth:`embed`, or of an earlier ``run_blocks``) and
+        return theirs. Running blocks 0..i-1 once and then block i several times computes,
+        bit for bit, what full forward passes would: the outlier analysis reuses that prefix."""
+        n = self.config["n_layers"]
+        if not 0 <= start <= stop <= n:
+            raise ValueError(f"expected 0 <= start <= stop <= n_layers={n}, got start={start} stop={stop}")
         quiet = np.errstate(over="ignore", invalid="ignore") if self.dtype == np.float16 else contextlib.nullcontext()
         with quiet:
-            x = self._layers(x, start_pos, cache)
-        if isinstance(cache, KVCache):
-            cache.length = start_pos + T
-        with np.errstate(invalid="ignore", over="ignore"):
-            h = self._norm(x, "final_norm")
-        if self.dtype == np.float16 and not bool(xp.all(xp.isfinite(h))):
-            warnings.warn(f"{self.name or 'model'}: activations overflowed float16 (|x| > 65504) and produced "
-                          f"inf/NaN; run this model with dtype='float32'", RuntimeWarning, stacklevel=3)
-        return h
+            return self._layers(x, int(start_pos), cache, start, stop)
 
     def _cuda_layers(self) -> bool:
         """Whether any layer is an llmint8 CUDA layer (whose stream must follow CuPy's)."""
@@ -1210,9 +1229,10 @@ class Model:
                 for x in self.linears.values())
         return v
 
-    def _layers(self, x, start, cache):
+    def _layers(self, x, start, cache, first_block=0, stop_block=None):
+        """Blocks first_block .. stop_block - 1 (default: all) for positions from ``start``."""
         cfg = self.config
-        for i in range(cfg["n_layers"]):
+        for i in range(first_block, cfg["n_layers"] if stop_block is None else stop_block):
             p = f"layers.{i}."
             if cfg["parallel_residual"]:
                 a = self._attention(i, self._norm(x, p + "attn_norm"), start, cache)
