@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 
 __all__ = ["UsageError", "CommandError", "ArgumentParser", "run_command", "broken_pipe_exit", "require_module",
            "check_input_file", "check_output_file", "check_output_dir", "positive_int",
-           "add_tokenizer_argument", "check_tokenizer", "read_text_arg"]
+           "add_tokenizer_argument", "check_tokenizer", "read_text_arg", "format_duration"]
 
 
 class CommandError(Exception):
@@ -259,6 +259,15 @@ def _remove_dirs(created: list) -> None:
             os.rmdir(d)
         except OSError:  # pragma: no cover - someone else wrote into it meanwhile: keep it
             break
+
+
+def format_duration(seconds: float) -> str:
+    """A time estimate or measurement for people: "42 s", "3.5 min", "2.1 h"."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def positive_int(s: str) -> int:

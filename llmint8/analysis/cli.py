@@ -22,7 +22,7 @@ from .outliers import DEFAULT_MIN_LAYER_SHARE, DEFAULT_MIN_POSITION_SHARE, DEFAU
 from .._cli import (ArgumentParser, CommandError, UsageError, check_input_file, check_output_dir,
                     check_output_file, require_module)
 from .._cli import run_command
-from .._cli import add_tokenizer_argument, check_tokenizer, read_text_arg
+from .._cli import add_tokenizer_argument, check_tokenizer, format_duration, read_text_arg
 
 PROG = "python -m llmint8 analyze"
 DEFAULT_MODEL = "stories260K"
@@ -253,13 +253,6 @@ def _tokens_for(model, args, text, ids) -> np.ndarray:
         raise CommandError(str(e)) from None
 
 
-def _fmt_seconds(s: float) -> str:
-    if s < 90:
-        return f"{s:.0f} s"
-    if s < 5400:
-        return f"{s / 60:.1f} min"
-    return f"{s / 3600:.1f} h"
-
 
 def _attention_share(cfg: dict, seq: int) -> float:
     """Share of a block's multiply-adds up to its attention probabilities (q/k/v and q.k^T):
@@ -352,8 +345,8 @@ def _run(args) -> int:
     if _can_run_blocks(model):  # an llmint8 model: its forward pass can be timed for the estimate
         with timer("estimate"):
             total, phases = _estimate(model, args, int(tokens.size), seq_len)
-        print(f"model {name}: {tokens.size} tokens in sequences of {seq_len}; estimated {_fmt_seconds(total)} ("
-              + ", ".join(f"{k} {_fmt_seconds(v)}" for k, v in phases.items())
+        print(f"model {name}: {tokens.size} tokens in sequences of {seq_len}; estimated {format_duration(total)} ("
+              + ", ".join(f"{k} {format_duration(v)}" for k, v in phases.items())
               + (", zeroing only if outlier features are found" if "top-1 attention" in phases else "") + ")",
               flush=True)
 
@@ -446,7 +439,7 @@ def _run(args) -> int:
     except OSError as e:
         raise CommandError(f"cannot write {out / 'report.json'}: {e.strerror or e}") from None
     print(f"\nwrote {out / 'report.json'} and plots to {out}/")
-    print(f"took {_fmt_seconds(wall)} ({_fmt_seconds(cpu)} CPU): {timer.line()}")
+    print(f"took {format_duration(wall)} ({format_duration(cpu)} CPU): {timer.line()}")
     return 0
 
 

@@ -10,7 +10,7 @@ import time
 
 from .._cli import (ArgumentParser, CommandError, UsageError, check_input_file, check_output_file,
                     require_module, run_command)
-from .._cli import add_tokenizer_argument, check_tokenizer, read_text_arg
+from .._cli import add_tokenizer_argument, check_tokenizer, format_duration, read_text_arg
 
 PROG = "python -m llmint8 perplexity"
 DEFAULT_METHODS = "fp16,llm.int8,vectorwise,rowwise,absmax,zeropoint"
@@ -67,13 +67,6 @@ def _fmt_bytes(n: int) -> str:
         n /= 1024
     return str(n)
 
-
-def _fmt_seconds(s: float) -> str:
-    if s < 90:
-        return f"{s:.0f} s"
-    if s < 5400:
-        return f"{s / 60:.0f} min"
-    return f"{s / 3600:.1f} h"
 
 
 def _needed_modules(model: str) -> list[tuple[str, str]]:
@@ -164,7 +157,7 @@ def _perplexity_command(argv: list[str]) -> int:
     how_many = "all" if max_tokens is None else f"--max-tokens {max_tokens}"
     print(f"model {model.name} ({model.arch}, {model.n_params:,} parameters), {len(tokens)} tokens ({how_many}), "
           f"context {args.context}, stride {args.stride}, activations {args.dtype}", flush=True)
-    print(f"{len(order)} methods x {n_win} windows: estimated {_fmt_seconds(estimate)}", flush=True)
+    print(f"{len(order)} methods x {n_win} windows: estimated {format_duration(estimate)}", flush=True)
     progress = not args.no_progress
     rows = []
     if model.method != "float":

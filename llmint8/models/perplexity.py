@@ -12,6 +12,7 @@ import warnings
 
 import numpy as np
 
+from .._cli import format_duration
 from .device import to_host, xp_of
 
 __all__ = ["perplexity", "token_nll", "read_text"]
@@ -144,7 +145,7 @@ def perplexity(model, tokens, context: int = 256, stride: int = 128, progress: b
                 rest = (time.perf_counter() - t0) * (len(windows) - 1)
                 if rest > SLOW_WARNING_S:
                     warnings.warn(f"perplexity: {n} tokens in {len(windows)} windows of {context} will take about "
-                                  f"{_duration(rest)} more (measured on the first window); pass max_tokens=N to "
+                                  f"{format_duration(rest)} more (measured on the first window); pass max_tokens=N to "
                                   f"score the first N tokens only", RuntimeWarning, stacklevel=2)
     finally:
         if bar is not None:
@@ -152,10 +153,3 @@ def perplexity(model, tokens, context: int = 256, stride: int = 128, progress: b
     mean = total / count
     return dict(nll=mean, ppl=math.exp(mean), n_tokens=count, context=context, stride=stride)
 
-
-def _duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
