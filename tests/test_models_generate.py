@@ -236,13 +236,17 @@ def test_stream_pieces_arrive_in_order_as_generated(stories, monkeypatch):
 
 
 class _FakeDeviceArray:
-    """Stands for a CuPy array: only .get() and .shape reach the host."""
+    """Stands for a CuPy array (by its module, as llmint8.models.device tells one): only .get()
+    and .shape reach the host."""
 
     def __init__(self, a):
         self._a, self.shape = np.asarray(a), np.shape(a)
 
     def get(self):
         return self._a
+
+
+_FakeDeviceArray.__module__ = "cupy._fake"
 
 
 class _StepModel:

@@ -7,9 +7,8 @@
     g.text, g.token_ids, g.finish_reason, g.tokens_per_second
 
 Decoding runs the model's key/value-cache runner (see :func:`_decoding_steps`: a GPU model's
-fixed-shape decoder, a preallocated cache's ``step``, or :meth:`Model.hidden_states` with a cache
-and :meth:`Model.logits_from_hidden`): the prompt in one forward pass, then one position per new
-token. Only the last position's logits come back to the host, where the next token is chosen in
+fixed-shape decoder, else ``Model.step`` over a preallocated cache): the prompt in one forward
+pass, then one position per new token. Only the last position's logits come back to the host, where the next token is chosen in
 float64 NumPy:
 
 - greedy (``temperature=0``, the default): the arg max of the logits (the lowest id on a tie);
@@ -36,6 +35,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
+
+from .device import to_host
 
 __all__ = ["generate", "stream_generate", "Generation", "GenerationStream", "sampling_probs", "next_token",
            "chat_template", "apply_chat_template", "stop_token_ids"]
@@ -305,13 +306,6 @@ class Generation:
         return n / self.decode_seconds if n > 0 and self.decode_seconds > 0 else float("nan")
 
 
-def _to_host(x) -> np.ndarray:
-    # a device array (CuPy) comes back with .get(); NumPy arrays pass through
-    if not isinstance(x, np.ndarray) and hasattr(x, "get") and hasattr(x, "shape"):
-        x = x.get()
-    return np.asarray(x)
-
-
 def _prepare_prompt(model, prompt, chat, system):
     tok = getattr(model, "tokenizer", None)
     if isinstance(prompt, str) or (isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], dict)):
@@ -434,34 +428,18 @@ def _decoding_steps(model, n_positions: int):
     """``(prefill(ids) -> logits, step(id) -> logits)`` over the best decoding interface the
     model's runner offers; the logits are the last position's, on the model's device:
 
-    - a model on a GPU with ``decoder()`` (and no hooks): its fixed-shape decoding step;
-    - a model with ``new_cache()`` and ``step()``: a preallocated key/value cache;
-    - else ``hidden_states`` with a dict cache, then ``logits_from_hidden`` of the last row.
+    - a model on a GPU (and no hooks): its ``decoder()``, a fixed-shape decoding step;
+    - else ``step()`` over a preallocated key/value cache (``new_cache()``).
 
     ``n_positions``: the prompt plus the new tokens (the cache's capacity)."""
     on_gpu = getattr(model, "xp", np) is not np
     hooked = bool(getattr(model, "_linear_hooks", None) or getattr(model, "_attn_hooks", None))
-    if on_gpu and not hooked and hasattr(model, "decoder"):
+    if on_gpu and not hooked:
         d = model.decoder(capacity=n_positions)
         return d.prefill, d.next
-    if hasattr(model, "new_cache") and hasattr(model, "step"):
-        kv = model.new_cache(capacity=n_positions)
-        return (lambda ids: model.step(np.asarray([ids], dtype=np.int64), kv),
-                lambda t: model.step(np.array([[t]], dtype=np.int64), kv))
-    cache: dict = {}
-    pos = [0]
-
-    def prefill(ids):
-        h = model.hidden_states(np.asarray([ids], dtype=np.int64), start_pos=0, cache=cache)
-        pos[0] = len(ids)
-        return model.logits_from_hidden(h[0, -1])
-
-    def step(t):
-        h = model.hidden_states(np.array([[t]], dtype=np.int64), start_pos=pos[0], cache=cache)
-        pos[0] += 1
-        return model.logits_from_hidden(h[0, -1])
-
-    return prefill, step
+    kv = model.new_cache(capacity=n_positions)
+    return (lambda ids: model.step(np.asarray([ids], dtype=np.int64), kv),
+            lambda t: model.step(np.array([[t]], dtype=np.int64), kv))
 
 
 def _run(model, prompt_ids, prompt_text, max_new_tokens, temperature, top_k, top_p, seed, stop_strings, stop_ids,
@@ -481,7 +459,7 @@ def _run(model, prompt_ids, prompt_text, max_new_tokens, temperature, top_k, top
     logits = prefill(prompt_ids)
     t_prefill, t_decode = None, 0.0
     while True:
-        nxt = next_token(_to_host(logits).reshape(-1, vocab)[-1], temperature, top_k, top_p, rng)
+        nxt = next_token(to_host(logits).reshape(-1, vocab)[-1], temperature, top_k, top_p, rng)
         # only the model and the token choice are timed, not the consumer of the stream
         if t_prefill is None:
             t_prefill = time.perf_counter() - t0
