@@ -51,14 +51,8 @@ def _progress(it, enabled: bool, **kw):
 
 
 def _bar(enabled: bool, **kw):
-    """A tqdm progress bar (None when disabled or tqdm is missing)."""
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # progress bars are optional
-        return None
-    return tqdm(**kw)
+    """A tqdm progress bar to update by hand (None when disabled or tqdm is missing)."""
+    return _progress(None, enabled, **kw)
 
 
 def tokenize_text(model: Any, text: str, n_tokens: int | None = None) -> np.ndarray:
@@ -138,25 +132,29 @@ def analyze_model(
     acc = OutlierAccumulator(threshold, group_by=group_by, names=names)
     wanted = [n for n in model.linear_names if acc.wants(n)]
 
-    def hook(name, x):
-        acc.update(name, x)
-        return None
-
     seqs = split_sequences(tokens, _default_seq_len(model, seq_len))
     L = int((getattr(model, "config", None) or {}).get("n_layers", 1) or 1)
     bar = _bar(progress, total=len(seqs) * L, desc="recording activations", unit="layer")
-    handles = [model.add_hook(hook, kind="linear_input", names=wanted)]
-    if bar is not None:  # one tick per layer: a sequence of a large model takes a while
-        handles.append(model.add_hook(lambda i, p: bar.update(1) if bar.n < bar.total else None,
-                                      kind="attention_probs"))
+    done = [0]  # sequences finished
+
+    def hook(name, x):
+        acc.update(name, x)
+        # one tick per layer, from the hook already there (a sequence of a large model takes a
+        # while): the blocks before this input's are done
+        b = _block_index(name) if bar is not None else None
+        if b is not None and bar.n < done[0] * L + b:
+            bar.update(done[0] * L + b - bar.n)
+        return None
+
+    handle = model.add_hook(hook, kind="linear_input", names=wanted)
     try:
         for k, s in enumerate(seqs):
             model.forward(s)
+            done[0] = k + 1
             if bar is not None and bar.n < (k + 1) * L:
                 bar.update((k + 1) * L - bar.n)
     finally:
-        for h in handles:
-            h.remove()
+        handle.remove()
         if bar is not None:
             bar.close()
     return acc.result(min_layer_share, min_position_share, position_aggregation)
@@ -283,16 +281,22 @@ def mean_top1_attention(
     feats = np.asarray(sorted(set(int(f) for f in zero_features)), dtype=np.int64)
     seqs = split_sequences(tokens, _default_seq_len(model, seq_len))
     if mode == "independent" and feats.size and _can_run_blocks(model):
-        L = int(model.config["n_layers"])
-        bar = _bar(progress, total=len(seqs) * L, desc="top-1 attention", unit="layer")
-        try:
-            (sums, counts), = _top1_independent_by_block(model, seqs, [feats], projections, bar)
-        finally:
-            if bar is not None:
-                bar.close()
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return sums / counts
+        return _top1_independent(model, seqs, [feats], projections, progress, "top-1 attention")[0]
     return _top1_by_forward(model, seqs, feats, projections, mode, progress)
+
+
+def _top1_independent(model, seqs, conds, projections, progress, desc) -> list[np.ndarray]:
+    """Per condition (features zeroed), the mean top-1 probability per layer (float64
+    ``(n_layers,)``) by running each edited block from the unmodified prefix, with a bar."""
+    L = int(model.config["n_layers"])
+    bar = _bar(progress, total=len(seqs) * L, desc=desc, unit="layer")
+    try:
+        sc = _top1_independent_by_block(model, seqs, conds, projections, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return [sums / counts for sums, counts in sc]
 
 
 def _top1_by_forward(model, seqs, feats, projections, mode, progress):
@@ -482,15 +486,8 @@ def zeroing_experiment(
     conds = [np.asarray(fs, dtype=np.int64) for _, fs in plan]
     if mode == "independent" and _can_run_blocks(model):
         seqs = split_sequences(tokens, _default_seq_len(model, seq_len))
-        L = int(model.config["n_layers"])
-        bar = _bar(progress, total=len(seqs) * L, desc=f"top-1 attention, {len(plan)} conditions", unit="layer")
-        try:
-            sc = _top1_independent_by_block(model, seqs, conds, projections, bar)
-        finally:
-            if bar is not None:
-                bar.close()
-        with np.errstate(invalid="ignore", divide="ignore"):
-            top1 = [sums / counts for sums, counts in sc]
+        top1 = _top1_independent(model, seqs, conds, projections, progress,
+                                 f"top-1 attention, {len(plan)} conditions")
     else:
         top1 = [mean_top1_attention(model, tokens, seq_len=seq_len, zero_features=fs, projections=projections,
                                     mode=mode)
