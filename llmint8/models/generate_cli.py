@@ -13,8 +13,10 @@ from __future__ import annotations
 import math
 import os
 import sys
+from typing import Sequence
 
-from .._cli import ArgumentParser, CommandError, UsageError, positive_int, require_module, run_command
+from .._cli import (ArgumentParser, CommandError, UsageError, add_tokenizer_argument, check_tokenizer, positive_int,
+                    require_module, run_command)
 
 PROG = "python -m llmint8 generate"
 
@@ -43,7 +45,9 @@ def _parser() -> ArgumentParser:
     p.add_argument("--chat", action="store_true",
                    help="render the prompt as a user message with the checkpoint's chat template")
     p.add_argument("--system", default=None, help="with --chat: a system message before the prompt")
-    p.add_argument("--device", default="cpu", help="where the model runs: cpu (default) or cuda")
+    add_tokenizer_argument(p)
+    p.add_argument("--device", default="cpu", help="where the model runs: cpu (default), cuda or cuda:N (the whole "
+                                                    "forward on the GPU; needs CuPy: pip install 'llmint8[gpu]')")
     p.add_argument("--threshold", type=float, default=6.0, help="LLM.int8 outlier threshold (default 6.0)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="activation dtype")
     return p
@@ -84,24 +88,16 @@ def _check_args(args) -> list[str]:
         raise UsageError("--stop: expected a non-empty text")
     if not args.prompt and not args.chat:
         raise UsageError("--prompt is empty; give some text (or --chat to send an empty user message)")
-    try:  # the models' own device check, where the package has one (it knows every device name)
-        from .device import check_cli_device
-    except ImportError:
-        check_cli_device = None
-    if check_cli_device is not None:
-        args.device = check_cli_device(args.device, int8_layers=any(m in ("llm.int8", "vectorwise") for m in methods))
-    elif args.device not in ("cpu", "cuda"):
-        raise UsageError(f"--device: expected cpu or cuda, got {args.device!r}")
-    elif args.device == "cuda":
-        import llmint8
+    from .device import check_cli_device
 
-        if not llmint8.cuda_available():
-            raise UsageError("--device cuda: the CUDA backend is not available here (built without CUDA, or no "
-                             "GPU/driver); use --device cpu")
+    args.device = check_cli_device(args.device, int8_layers=any(m in ("llm.int8", "vectorwise") for m in methods))
+    check_tokenizer(args.tokenizer)
     return methods
 
 
-def _first_difference(a: list[int], b: list[int]) -> int | None:
+def _first_difference(a: Sequence, b: Sequence) -> int | None:
+    """The first index where a and b differ (the shorter one's length when one extends the
+    other), or None when they are equal."""
     for i, (x, y) in enumerate(zip(a, b)):
         if x != y:
             return i
@@ -128,13 +124,13 @@ def _generate_command(argv: list[str]) -> int:
     from .generate import stream_generate
 
     try:
-        model = load_model(args.model, dtype=args.dtype, device=args.device)
+        model = load_model(args.model, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer)
     except zoo.ZooError as e:
         raise CommandError(str(e)) from None
     except (FileNotFoundError, ValueError) as e:
         raise CommandError(f"cannot load model {args.model!r}: {e}") from None
     if model.tokenizer is None:
-        raise CommandError(f"model {args.model!r} has no tokenizer to encode the prompt")
+        raise CommandError(f"model {args.model!r} has no tokenizer to encode the prompt; pass --tokenizer PATH")
     if model.method != "float":  # a saved quantized model holds no float weights: run it as saved
         if methods != [model.method]:
             print(f"note: {args.model} is already quantized ({model.method}); running it as saved instead of "
@@ -168,7 +164,7 @@ def _generate_command(argv: list[str]) -> int:
             qm, it = model, first if m == methods[0] else stream_generate(model, args.prompt, **kw)
         else:
             try:
-                qm = model.quantize(m, threshold=args.threshold, device=args.device)
+                qm = model.quantize(m, threshold=args.threshold)  # on the model's device
             except (ValueError, RuntimeError) as e:
                 raise CommandError(f"cannot quantize with {m}: {e}") from None
             it = stream_generate(qm, args.prompt, **kw)
@@ -194,8 +190,8 @@ def _generate_command(argv: list[str]) -> int:
             if i is None:
                 diff = "identical"
             else:
-                j = next((k for k, (x, y) in enumerate(zip(base.text, g.text)) if x != y),
-                         min(len(base.text), len(g.text)))
+                j = _first_difference(base.text, g.text)
+                j = len(base.text) if j is None else j  # other tokens spelling the same text
                 diff = f"token {i}, character {j}"
         rate = g.decode_tokens_per_second
         rate = f"{rate:>13.1f}" if rate == rate else f"{'-':>13}"  # one token: no decode step
