@@ -191,8 +191,9 @@ quantize_x_kernel(const T *__restrict__ x, int64_t k, int64_t kp, int64_t mpad, 
  * every run, and each thread writes its own. One scan for any k, where a scan per
  * blockDim columns paid a few global-load latencies and barriers each time (measured on
  * an H200: 11.8 us for k = 4096, ~35 us for k = 14336, one block). Any block size that is
- * a whole number of warps, up to 1024 threads. dflag is read with plain loads: the
- * single-block caller wrote it before its barrier. */
+ * a whole number of warps, up to 1024 threads. dflag is read through L2 (__ldcg): the
+ * fused prefill's last block runs this on flags other blocks wrote, and its own L1 may
+ * still hold lines it read before they did (a fence orders, it does not invalidate). */
 __device__ void compact_block(const uint8_t *__restrict__ kflag, const int32_t *__restrict__ known_pos,
                               const unsigned *dflag, int64_t k, int *ocol, int *osrc, int *dcol, int *counts,
                               const uint8_t *__restrict__ ovf) {
@@ -204,7 +205,7 @@ __device__ void compact_block(const uint8_t *__restrict__ kflag, const int32_t *
     int ct = 0, cd = 0;
 #pragma unroll 4
     for (int64_t j = j0; j < j1; j++) {
-        const unsigned kf = kflag ? kflag[j] : 0u, df = dflag ? dflag[j] : 0u;
+        const unsigned kf = kflag ? kflag[j] : 0u, df = dflag ? __ldcg(dflag + j) : 0u;
         ct += (kf | df) != 0u;
         cd += kf == 0u && df != 0u;
     }
@@ -232,7 +233,7 @@ __device__ void compact_block(const uint8_t *__restrict__ kflag, const int32_t *
     int od = (warp > 0 ? wdyn[warp - 1] : 0) + id - cd;
     int myov = INT_MAX; /* this run's first dynamic column whose weight overflows fp16 */
     for (int64_t j = j0; j < j1; j++) {
-        const unsigned kf = kflag ? kflag[j] : 0u, df = dflag ? dflag[j] : 0u;
+        const unsigned kf = kflag ? kflag[j] : 0u, df = dflag ? __ldcg(dflag + j) : 0u;
         if (kf != 0u) {
             ocol[ot] = (int)j;
             osrc[ot++] = known_pos[j];
