@@ -44,8 +44,25 @@ l8_state *l8_state_from_type(PyTypeObject *tp) {
 
 /* ================================================================== interruptible work */
 
+/* The main thread's ident, a fact of the process (read at import, the same for every
+ * interpreter): only that thread runs signal handlers. */
+static unsigned long main_thread_ident;
+
+static int read_main_thread_ident(void) {
+    PyObject *threading = PyImport_ImportModule("threading");
+    PyObject *main = threading ? PyObject_CallMethod(threading, "main_thread", NULL) : NULL;
+    PyObject *ident = main ? PyObject_GetAttrString(main, "ident") : NULL;
+    const unsigned long v = ident ? PyLong_AsUnsignedLong(ident) : 0;
+    Py_XDECREF(ident);
+    Py_XDECREF(main);
+    Py_XDECREF(threading);
+    if (PyErr_Occurred()) return -1;
+    main_thread_ident = v;
+    return 0;
+}
+
 /* The pool's check (threadpool.h): take the GIL back for a moment and run the signal
- * handlers. Only the main thread sees signals; elsewhere this is a cheap no-op check. */
+ * handlers. */
 static int check_signals(void *arg) {
     l8_nogil *g = arg;
     PyEval_RestoreThread(g->ts);
@@ -55,12 +72,15 @@ static int check_signals(void *arg) {
 }
 
 void l8_nogil_begin(l8_nogil *g) {
+    /* off the main thread a check could never see a signal: it would only take the GIL from
+     * whoever holds it every 50 ms, so no scope is opened there */
+    g->checked = PyThread_get_thread_ident() == main_thread_ident;
     g->ts = PyEval_SaveThread();
-    l8_interrupt_push(&g->scope, check_signals, g);
+    if (g->checked) l8_interrupt_push(&g->scope, check_signals, g);
 }
 
 int l8_nogil_end(l8_nogil *g) {
-    const int stopped = l8_interrupt_pop(&g->scope);
+    const int stopped = g->checked && l8_interrupt_pop(&g->scope);
     PyEval_RestoreThread(g->ts);
     return stopped ? -1 : 0;
 }
@@ -202,6 +222,7 @@ static int read_cpu_kernel_env(l8_state *st) {
 
 static int module_exec(PyObject *m) {
     if (_import_array() < 0) return -1;
+    if (read_main_thread_ident() < 0) return -1;
     l8_state *st = PyModule_GetState(m);
     st->num_threads = 0;
     st->cuda_module = NULL; /* llmint8._cuda loads on the first CUDA layer */

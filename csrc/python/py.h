@@ -47,6 +47,7 @@ PyObject *l8_raise(const l8_status *st);
  * incomplete and must be discarded; else 0. */
 typedef struct {
     PyThreadState *ts;
+    int checked; /* on the main thread: a scope is open (only it runs signal handlers) */
     l8_interrupt_scope scope;
 } l8_nogil;
 void l8_nogil_begin(l8_nogil *g);
