@@ -17,6 +17,14 @@ int l8_fail(l8_status *st, l8_code code, const char *fmt, ...) {
     return -1;
 }
 
+int l8_fail_f16_weight(l8_status *st, int col, int64_t row, double val) {
+    return l8_fail(st, L8_ERR_VALUE,
+                   "column %d of x is an outlier and x is float16, but the layer's weight[%lld, %d] = %g "
+                   "is beyond float16's range (65504); pass x as float32 (the outlier product is then "
+                   "computed in float32)",
+                   col, (long long)row, col, val);
+}
+
 void *l8_malloc_array(size_t n, size_t size) {
     if (size && n > SIZE_MAX / size) return NULL;
     return malloc(n != 0 && size != 0 ? n * size : 1); /* never malloc(0): NULL would read as failure */

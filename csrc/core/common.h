@@ -34,6 +34,9 @@ typedef struct {
 
 /* Record an error in *st and return -1, so callers can `return l8_fail(...)`. */
 int l8_fail(l8_status *st, l8_code code, const char *fmt, ...) L8_PRINTF(3, 4);
+/* The error of a float16 forward whose dynamic outlier column `col` has a dequantized weight,
+ * weight[row, col] = val, beyond fp16's range: one text for the CPU and CUDA backends. */
+int l8_fail_f16_weight(l8_status *st, int col, int64_t row, double val);
 
 typedef enum { L8_F32 = 0, L8_F16 = 1, L8_I8 = 2, L8_I32 = 3 } l8_dtype;
 

@@ -207,11 +207,7 @@ static void fail_f16_weight(const l8_layer *L, const int32_t *ocols, const int32
             for (int64_t r = 0; r < L8_OUT_NR && j0 + r < n; r++) {
                 const float v = (float)col[r] * (c->wscale[j0 + r] / 127.0f);
                 if (!l8_isfinite(l8_round_f16(v))) {
-                    l8_fail(st, L8_ERR_VALUE,
-                            "column %d of x is an outlier and x is float16, but the layer's weight[%lld, %d] = %g "
-                            "is beyond float16's range (65504); pass x as float32 (the outlier product is then "
-                            "computed in float32)",
-                            (int)ocols[o], (long long)(j0 + r), (int)ocols[o], (double)v);
+                    l8_fail_f16_weight(st, (int)ocols[o], j0 + r, (double)v);
                     return;
                 }
             }

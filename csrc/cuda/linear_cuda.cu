@@ -314,14 +314,10 @@ int first_ovf_column(const l8_layer *L, const cuda_impl *c) {
     return -1;
 }
 
-/* The CPU backend's error (linear_cpu.c) for dynamic outlier column col, word for word. */
+/* The CPU backend's error (l8_fail_f16_weight) for dynamic outlier column col. */
 int ovf_error(const l8_layer *L, const cuda_impl *c, int col, l8_status *st) {
     (void)L;
-    return l8_fail(st, L8_ERR_VALUE,
-                   "column %d of x is an outlier and x is float16, but the layer's weight[%lld, %d] = %g "
-                   "is beyond float16's range (65504); pass x as float32 (the outlier product is then "
-                   "computed in float32)",
-                   col, (long long)c->ovf_row[col], col, c->ovf_val[col]);
+    return l8_fail_f16_weight(st, col, c->ovf_row[col], c->ovf_val[col]);
 }
 
 /* Whether the one-launch decoding kernel takes this call: selected in the context, few
