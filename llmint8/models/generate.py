@@ -215,7 +215,9 @@ def _special_token_id(tok, text: str) -> int | None:
     """Id of ``text`` when the vocabulary holds it as one special (control) token, else None."""
     pieces = getattr(tok, "pieces", None)
     if pieces is not None:
-        lookup = tok.__dict__.setdefault("_llmint8_piece_ids", {p: i for i, p in enumerate(pieces)})
+        lookup = tok.__dict__.get("_llmint8_piece_ids")
+        if lookup is None:  # built once per tokenizer, not at every call
+            lookup = tok.__dict__["_llmint8_piece_ids"] = {p: i for i, p in enumerate(pieces)}
         i = lookup.get(text)
         return i if i is not None and i in getattr(tok, "special_ids", ()) else None
     inner = getattr(tok, "tok", None)
@@ -432,8 +434,8 @@ def _decoding_steps(model, n_positions: int):
     - else ``step()`` over a preallocated key/value cache (``new_cache()``).
 
     ``n_positions``: the prompt plus the new tokens (the cache's capacity)."""
-    on_gpu = getattr(model, "xp", np) is not np
-    hooked = bool(getattr(model, "_linear_hooks", None) or getattr(model, "_attn_hooks", None))
+    on_gpu = model.xp is not np
+    hooked = bool(model._linear_hooks or model._attn_hooks)
     if on_gpu and not hooked:
         d = model.decoder(capacity=n_positions)
         return d.prefill, d.next

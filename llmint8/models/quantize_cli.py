@@ -14,7 +14,7 @@ import os
 import stat
 import time
 
-from .._cli import ArgumentParser, CommandError, UsageError, check_input_file, check_output_dir
+from .._cli import ArgumentParser, CommandError, UsageError, check_output_dir
 from .._cli import add_tokenizer_argument, check_tokenizer, read_text_arg
 
 
@@ -66,7 +66,6 @@ def quantize_main(argv: list[str]) -> int:
     if args.calibration_tokens < 1:
         raise UsageError("--calibration-tokens must be >= 1")
     if args.calibration_text is not None:
-        check_input_file(args.calibration_text, "calibration text")
         calib_text = read_text_arg(args.calibration_text, "calibration text", args.calibration_tokens * 16)
     check_tokenizer(args.tokenizer)
     out = check_output_dir(args.out, "--out")

@@ -566,8 +566,14 @@ class Decoder:
 
     def prefill(self, ids):
         """Run the prompt ``ids`` (int sequence, >= 1 token) after what the cache holds; returns
-        the last position's logits (1, vocab)."""
-        return self.model.step(np.asarray(ids, dtype=np.int64).reshape(1, -1), self.cache)
+        the last position's logits (1, vocab). The cache never grows past its capacity: that
+        would move its arrays away from a step graph captured on them."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
+        c = self.cache
+        if c.length + ids.shape[1] > c.capacity:
+            raise ValueError(f"the decoder's capacity of {c.capacity} positions cannot take {ids.shape[1]} more "
+                             f"after {c.length}; make one with a larger capacity")
+        return self.model.step(ids, c)
 
     def next(self, token: int):
         """Run one token at the next position; returns its logits (1, vocab)."""
