@@ -119,7 +119,8 @@ def _decode_loop(qm, cache, first, n):
 def count_launches(qm, prompt):
     """Kernel nodes of one decode step captured into a CUDA graph on a fresh stream, or a string
     saying why the step could not be captured."""
-    import ctypes
+    from llmint8 import cuda
+    from llmint8.models.transformer import graph_kernel_nodes
 
     xp = qm.xp
     cache = qm.new_cache(capacity=len(prompt) + 8)
@@ -129,33 +130,18 @@ def count_launches(qm, prompt):
     cache.length -= 1
     s = xp.cuda.Stream(non_blocking=True)
     try:
-        with s:
-            s.begin_capture()
-            try:
-                qm.step(ids, cache)
-            finally:
-                g = s.end_capture()
-    except Exception as e:  # noqa: BLE001 - reported, not fatal
-        from llmint8 import cuda
-
-        cuda.set_stream(1)
-        return f"capture failed: {str(e).splitlines()[0][:80]}"
-    try:
-        cu = ctypes.CDLL("libcuda.so.1")
-        n = ctypes.c_size_t(0)
-        if cu.cuGraphGetNodes(ctypes.c_void_p(g.graph), None, ctypes.byref(n)) != 0:
-            return "cuGraphGetNodes failed"
-        nodes = (ctypes.c_void_p * n.value)()
-        cu.cuGraphGetNodes(ctypes.c_void_p(g.graph), nodes, ctypes.byref(n))
-        kinds = {}
-        for node in nodes:
-            t = ctypes.c_int(-1)
-            cu.cuGraphNodeGetType(ctypes.c_void_p(node), ctypes.byref(t))
-            kinds[t.value] = kinds.get(t.value, 0) + 1
-        return kinds.get(0, 0)  # CU_GRAPH_NODE_TYPE_KERNEL
+        try:
+            with s:
+                s.begin_capture()
+                try:
+                    qm.step(ids, cache)
+                finally:
+                    g = s.end_capture()
+        except Exception as e:  # noqa: BLE001 - reported, not fatal
+            return f"capture failed: {str(e).splitlines()[0][:80]}"
+        n = graph_kernel_nodes(g)
+        return "cuGraphGetNodes failed" if n is None else n
     finally:
-        from llmint8 import cuda
-
         cuda.set_stream(1)
 
 
