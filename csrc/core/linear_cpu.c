@@ -234,7 +234,8 @@ static int cpu_forward(const l8_layer *L, const void *x, l8_dtype xt, int64_t m,
                        int nthreads, l8_status *st) {
     const cpu_impl *c = L->impl;
     const int64_t k = L->in_features, n = L->out_features;
-    const int simd = L->cpu_kernel != L8_KERNEL_PORTABLE;
+    /* from the layout the weight was packed in, which the gathers below read */
+    const int simd = c->wq.kernel != L8_KERNEL_PORTABLE;
     int rc = -1;
     if (m == 0) return 0;
 
