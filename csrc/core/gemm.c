@@ -242,7 +242,36 @@ void l8_packed_b_panel_column(const l8_packed_b *pb, int64_t j, int64_t p, int8_
     for (int64_t r = 0; r < 16; r++) col[r] = src[r * g];
 }
 
-int l8_packed_b_select(const l8_packed_b *pb, const int32_t *cols, int64_t nc, l8_packed_b *out) {
+typedef struct {
+    const l8_packed_b *pb;
+    const int32_t *cols;
+    int64_t nc;
+    l8_packed_b *out;
+} select_job;
+
+/* Panels [p0, p1) of the selection, and their rows' corrections */
+static void select_panels(void *arg, int64_t p0, int64_t p1) {
+    const select_job *g = arg;
+    const l8_packed_b *pb = g->pb;
+    l8_packed_b *out = g->out;
+    const int64_t gsz = pack_group(pb->kernel);
+    for (int64_t j = p0 * L8_PACK_NR; j < p1 * L8_PACK_NR; j += L8_PACK_NR) {
+        /* packed to packed: column p's 16 bytes lie gsz apart in both */
+        for (int64_t t = 0; t < g->nc; t++) {
+            const int8_t *src = pb->data + pack_offset(pb, j, g->cols[t]);
+            int8_t *dst = out->data + pack_offset(out, j, t);
+            for (int64_t r = 0; r < L8_PACK_NR; r++) dst[r * gsz] = src[r * gsz];
+        }
+        if (out->corr) /* the vnni kernels' 128 * row sums, over the selected columns */
+            for (int64_t r = j; r < j + L8_PACK_NR; r++) {
+                int32_t sum = 0;
+                for (int64_t t = 0; t < g->nc; t++) sum += out->data[pack_offset(out, r, t)];
+                out->corr[r] = 128 * sum;
+            }
+    }
+}
+
+int l8_packed_b_select(const l8_packed_b *pb, const int32_t *cols, int64_t nc, l8_packed_b *out, int nthreads) {
     const int64_t n = pb->n;
     if (pack_alloc(pb->kernel, n, nc, out) < 0) return -1;
     if (pb->kernel == L8_KERNEL_PORTABLE) {
@@ -250,20 +279,10 @@ int l8_packed_b_select(const l8_packed_b *pb, const int32_t *cols, int64_t nc, l
             for (int64_t t = 0; t < nc; t++) out->data[j * nc + t] = pb->data[j * pb->k + cols[t]];
         return 0;
     }
-    /* packed to packed, one panel at a time: column p's 16 bytes lie g apart in both */
-    const int64_t g = pack_group(pb->kernel);
-    for (int64_t j = 0; j < pb->np; j += L8_PACK_NR)
-        for (int64_t t = 0; t < nc; t++) {
-            const int8_t *src = pb->data + pack_offset(pb, j, cols[t]);
-            int8_t *dst = out->data + pack_offset(out, j, t);
-            for (int64_t r = 0; r < L8_PACK_NR; r++) dst[r * g] = src[r * g];
-        }
-    if (out->corr) /* the vnni kernels' 128 * row sums, over the selected columns */
-        for (int64_t j = 0; j < out->np; j++) {
-            int32_t sum = 0;
-            for (int64_t t = 0; t < nc; t++) sum += out->data[pack_offset(out, j, t)];
-            out->corr[j] = 128 * sum;
-        }
+    select_job g = {pb, cols, nc, out};
+    const int64_t panels = pb->np / L8_PACK_NR;
+    /* a scattered byte move per weight: one thread per 2^16 of them */
+    l8_parallel_for(panels, 1, l8_threads_for(pb->np * nc, L8_PASS_MIN_PER_THREAD, nthreads), select_panels, &g);
     return 0;
 }
 

@@ -104,8 +104,8 @@ int l8_outlier_fused_avx2(const l8_packed_b *pb, int64_t j0, const float *scale,
 
 /* *out = B's columns cols[0..nc) (in that order) packed for B's kernel: an (n, nc) weight.
  * The int8 GEMM of the same columns of A gives the same int32 as the full one when A is 0
- * in every other column. -1 when out of memory. */
-int l8_packed_b_select(const l8_packed_b *pb, const int32_t *cols, int64_t nc, l8_packed_b *out);
+ * in every other column. Panels split over up to nthreads threads. -1 when out of memory. */
+int l8_packed_b_select(const l8_packed_b *pb, const int32_t *cols, int64_t nc, l8_packed_b *out, int nthreads);
 
 /* Run the epilogue over every (MB x NB) tile of an (m, n) output with an all-zero int32
  * tile: the GEMM's result when A is zero (no column left for the int8 product). */

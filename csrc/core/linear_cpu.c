@@ -345,7 +345,7 @@ static int cpu_forward(const l8_layer *L, const void *x, l8_dtype xt, int64_t m,
             if (!flags[j]) rcols[t++] = (int32_t)j;
         for (int64_t i = 0; i < m; i++)
             for (int64_t q = 0; q < kr; q++) xr[i * kr + q] = xq[i * k + rcols[q]];
-        if (l8_packed_b_select(&c->wq, rcols, kr, &wr) < 0) goto nomem;
+        if (l8_packed_b_select(&c->wq, rcols, kr, &wr, nthreads) < 0) goto nomem;
     }
 
     /* rows in blocks, so S (the outlier sums, fp32) never holds more than OUT_BLOCK_ROWS rows */

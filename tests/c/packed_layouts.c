@@ -106,7 +106,7 @@ static void check_layout(l8_kernel kern, int64_t n, int64_t k) {
     for (int64_t p = 0; p < k; p++)
         if (next_u32() % 3u != 0) cols[nc++] = (int32_t)p;
     if (nc == 0) cols[nc++] = 0;
-    if (l8_packed_b_select(&pb, cols, nc, &sel) < 0) {
+    if (l8_packed_b_select(&pb, cols, nc, &sel, 2) < 0) {
         FAIL("%s: select out of memory\n", name(kern));
         goto done2;
     }
