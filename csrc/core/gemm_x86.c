@@ -33,6 +33,10 @@
 #define MR 4
 #define KC 1024
 #define PREFETCH 1024 /* bytes ahead in the panel: streaming the weight from DRAM at 1-4 tokens */
+/* the same for each of gemv4_avx2's four panel streams: 4 x 512 bytes ahead in all ran at
+ * 26.5 GB/s on Zen 3 at one token, 4 x 1024 at 22.6 (4096 x 4096 and 4096 x 14336, weights
+ * from DRAM; benchmarks/RESULTS.md); the one-stream micro-kernel is best at 1024 */
+#define PREFETCH_GEMV 512
 _Static_assert(KC % L8_PACK_KQ == 0, "k slices keep whole k groups");
 _Static_assert(L8_GEMM_NB % L8_PACK_NR == 0 && L8_PACK_NR == 16, "tile and panel widths");
 _Static_assert(L8_GEMM_NB == 4 * L8_PACK_NR, "gemv4_avx2 covers a tile with four panels");
@@ -197,7 +201,7 @@ static T_AVX2 void gemv4_avx2(const int16_t *a, const int8_t *b, int64_t kp, int
             s31 = s00;
     for (int64_t q = 0; q < kp; q += 4) {
         for (int t = 0; t < 4; t++)
-            _mm_prefetch((const char *)(b + t * L8_PACK_NR * kp + q * L8_PACK_NR + PREFETCH), _MM_HINT_T0);
+            _mm_prefetch((const char *)(b + t * L8_PACK_NR * kp + q * L8_PACK_NR + PREFETCH_GEMV), _MM_HINT_T0);
         __m256i av = _mm256_set1_epi32(load_i32(a + q));
         GEMV_PANEL(0, q); GEMV_PANEL(1, q); GEMV_PANEL(2, q); GEMV_PANEL(3, q);
         av = _mm256_set1_epi32(load_i32(a + q + 2));
