@@ -39,7 +39,7 @@ cd "$BUILD"  # so that `import llmint8` finds the sanitized copy first
 "$PY" -c "import llmint8, sys; f = llmint8._C.__file__; assert f.startswith('$BUILD'), f; print('sanitize: using', f)"
 
 CORE=(test_primitives.py test_gemm.py test_kernels.py test_matmul.py test_linear.py test_errors.py
-      test_hardening.py test_fuzz.py test_stress.py)
+      test_hardening.py test_fuzz.py test_stress.py test_attention.py)
 TESTS=("${CORE[@]/#/$ROOT/tests/}")
 for kernel in "" portable; do
     echo "sanitize: core tests, LLMINT8_CPU_KERNEL=${kernel:-<fastest>}"

@@ -1,7 +1,8 @@
 /* cpu_features.c: run-time CPU feature detection (cpuid + xgetbv) for kernel dispatch.
  *
- * Nothing is cached: cpuid costs ~100 cycles and is only asked once per layer creation
- * or GEMM call, so there is no process-global state to guard. */
+ * The supported set is detected once per process (l8_kernels_supported): in a virtual
+ * machine every cpuid traps to the hypervisor. */
+#include <stdatomic.h>
 #include <string.h>
 
 #include "cpu_features.h"
@@ -42,7 +43,7 @@ static unsigned long long xgetbv0(void) {
 }
 #endif
 
-unsigned l8_kernels_supported(void) {
+static unsigned detect_kernels(void) {
     unsigned mask = 1u << L8_KERNEL_PORTABLE;
 #ifdef L8_X86
     unsigned a, b, c, d;
@@ -66,6 +67,20 @@ unsigned l8_kernels_supported(void) {
 #endif
     for (int k = 1; k < L8_KERNEL_COUNT; k++) /* and compiled in (AVX-VNNI needs GCC 11 / Clang 12) */
         if (!l8_x86_kernel_ops((l8_kernel)k)) mask &= ~(1u << k);
+    return mask;
+}
+
+unsigned l8_kernels_supported(void) {
+    /* Detected once per process: in a virtual machine each cpuid traps to the hypervisor,
+     * and this is asked on every call that picks a kernel (it was 29% of a decoding
+     * attention call). The CPU does not change under a process; two threads asking first
+     * both store the same mask. 0 means not yet detected (the portable bit is always set). */
+    static _Atomic unsigned cached;
+    unsigned mask = atomic_load_explicit(&cached, memory_order_relaxed);
+    if (!mask) {
+        mask = detect_kernels();
+        atomic_store_explicit(&cached, mask, memory_order_relaxed);
+    }
     return mask;
 }
 

@@ -1,5 +1,6 @@
 /* ops.c: llmint8._C's primitives: quantization (absmax, row-wise, zeropoint), outlier
- * columns, the exact int8 GEMM, and weight quantization for a layer. Each entry point
+ * columns, the exact int8 GEMM, weight quantization for a layer, and the decoding attention
+ * of the model runner. Each entry point
  * validates its arguments (convert.h), releases the GIL around the compute of csrc/core,
  * and turns an l8_status into an exception. */
 #include "convert.h"
@@ -8,6 +9,7 @@
 #include <math.h>
 #include <stdlib.h>
 
+#include "attention.h"
 #include "gemm.h"
 #include "quantize.h"
 
@@ -212,6 +214,80 @@ fail:
     return NULL;
 }
 
+/* ================================================================== decoding attention */
+
+PyDoc_STRVAR(attention_decode_doc,
+"attention_decode($module, q, k_cache, v_cache, length, scale, start=0, kernel=None)\n--\n\n-> float32 (B, H, hd). "
+"Attention of one new position over a KV cache: q (B, H, hd) float32, k_cache and\n"
+"v_cache (B, capacity, KV, hd) float32 with H a multiple of KV (query head h reads kv\n"
+"head h // (H // KV)); attends over the positions [start, length) with weights\n"
+"softmax(scale * q . k). Agrees with the float64 attention to float32 rounding (the\n"
+"order is in csrc/core/attention.h; every kernel gives the same bits). kernel: as for\n"
+"int8_matmul ('portable' runs plain C, any other name the AVX2 form). ValueError for\n"
+"mismatched shapes or a range outside [0, capacity].");
+
+static const int F32_TYPES[] = {NPY_FLOAT, -1};
+
+static PyObject *py_attention_decode(PyObject *mod, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"q", "k_cache", "v_cache", "length", "scale", "start", "kernel", NULL};
+    PyObject *qo, *ko, *vo, *kerno = Py_None;
+    long long length, start = 0;
+    float scale;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOLf|LO:attention_decode", kwlist, &qo, &ko, &vo, &length, &scale,
+                                     &start, &kerno))
+        return NULL;
+    l8_state *st = PyModule_GetState(mod);
+    l8_kernel kern = L8_KERNEL_PORTABLE;
+    if (resolve_cpu_kernel(st, kerno, &kern) < 0) return NULL;
+    PyArrayObject *q = as_array(qo, "q", F32_TYPES, "float32", NPY_FLOAT, 3, 3), *k = NULL, *v = NULL, *o = NULL;
+    if (!q) return NULL;
+    if (!(k = as_array(ko, "k_cache", F32_TYPES, "float32", NPY_FLOAT, 4, 4))) goto fail;
+    if (!(v = as_array(vo, "v_cache", F32_TYPES, "float32", NPY_FLOAT, 4, 4))) goto fail;
+    const int64_t B = PyArray_DIM(q, 0), H = PyArray_DIM(q, 1), hd = PyArray_DIM(q, 2);
+    const int64_t cap = PyArray_DIM(k, 1), KV = PyArray_DIM(k, 2);
+    char qs[128], ks[128], vs[128];
+    shape_str(q, qs, sizeof qs);
+    shape_str(k, ks, sizeof ks);
+    shape_str(v, vs, sizeof vs);
+    if (!PyArray_SAMESHAPE(k, v)) {
+        PyErr_Format(PyExc_ValueError, "k_cache and v_cache must have one shape, got %s and %s", ks, vs);
+        goto fail;
+    }
+    if (PyArray_DIM(k, 0) != B || PyArray_DIM(k, 3) != hd || KV == 0 || H % KV != 0) {
+        PyErr_Format(PyExc_ValueError,
+                     "k_cache must be (B, capacity, KV, hd) with B and hd of q and H a multiple of KV; "
+                     "got q %s and k_cache %s", qs, ks);
+        goto fail;
+    }
+    if (!(0 <= start && start < length && length <= cap)) {
+        PyErr_Format(PyExc_ValueError, "expected 0 <= start < length <= capacity (%lld); got start %lld, length %lld",
+                     (long long)cap, start, length);
+        goto fail;
+    }
+    npy_intp dims[3] = {B, H, hd};
+    if (!(o = (PyArrayObject *)PyArray_SimpleNew(3, dims, NPY_FLOAT))) goto fail;
+    l8_nogil g;
+    l8_nogil_begin(&g);
+    const int rc = l8_attention_decode(PyArray_DATA(q), PyArray_DATA(k), PyArray_DATA(v), B, H, KV, hd, cap,
+                                       (int64_t)start, (int64_t)length, scale, PyArray_DATA(o),
+                                       kern != L8_KERNEL_PORTABLE, num_threads(st));
+    if (l8_nogil_end(&g) < 0) goto fail; /* interrupted (Ctrl-C): o is incomplete */
+    if (rc < 0) {
+        PyErr_NoMemory();
+        goto fail;
+    }
+    Py_DECREF(q);
+    Py_DECREF(k);
+    Py_DECREF(v);
+    return (PyObject *)o;
+fail:
+    Py_DECREF(q);
+    Py_XDECREF(k);
+    Py_XDECREF(v);
+    Py_XDECREF(o);
+    return NULL;
+}
+
 /* ================================================================== weights */
 
 PyDoc_STRVAR(quantize_weight_doc,
@@ -282,6 +358,8 @@ PyMethodDef l8_ops_methods[] = {
     {"find_outlier_columns", (PyCFunction)(void (*)(void))py_find_outlier_columns, METH_VARARGS | METH_KEYWORDS,
      find_outlier_columns_doc},
     {"int8_matmul", (PyCFunction)(void (*)(void))py_int8_matmul, METH_VARARGS | METH_KEYWORDS, int8_matmul_doc},
+    {"attention_decode", (PyCFunction)(void (*)(void))py_attention_decode, METH_VARARGS | METH_KEYWORDS,
+     attention_decode_doc},
     {"quantize_weight", (PyCFunction)(void (*)(void))py_quantize_weight, METH_VARARGS | METH_KEYWORDS,
      quantize_weight_doc},
     {NULL, NULL, 0, NULL},

@@ -1031,13 +1031,23 @@ class Model:
             cache[i] = (k, v)
         S = k.shape[1]
         rep = H // KV
-        qh = q.transpose(0, 2, 1, 3).reshape(B, KV, rep * T, hd)          # group query heads by kv head
-        kh = k.transpose(0, 2, 3, 1)                                      # (B, KV, hd, S)
         scale = cfg["attn_scale"] if cfg["attn_scale"] is not None else hd ** -0.5
-        s = (qh @ kh).reshape(B, H, T, S)
-        s *= np.float32(scale)
         sliding = cfg["sliding_window"] if cfg["sliding_window"] and cfg["sliding_layers"] and \
             cfg["sliding_layers"][i] else 0
+        if T == 1 and xp is np and not self._attn_hooks:
+            # one new position (decoding): one pass over the cache in C instead of two thin
+            # BLAS products, which pack the whole cache on every call (most of a token's
+            # attention time at hundreds of positions); the window is the mask's for T = 1.
+            # Every cache kind takes this path, so they keep giving the same bits.
+            from llmint8 import _C
+
+            kc, vc = (cache._k[i], cache._v[i]) if isinstance(cache, KVCache) else (k, v)
+            o = _C.attention_decode(q.reshape(B, H, hd), kc, vc, S, scale, max(0, S - sliding) if sliding else 0)
+            return self._linear(p + "attn.o", self._round(o.reshape(B, 1, H * hd)))
+        qh = q.transpose(0, 2, 1, 3).reshape(B, KV, rep * T, hd)          # group query heads by kv head
+        kh = k.transpose(0, 2, 3, 1)                                      # (B, KV, hd, S)
+        s = (qh @ kh).reshape(B, H, T, S)
+        s *= np.float32(scale)
         mask = self._mask(start, T, S, sliding)
         if mask is not None:
             s += mask
