@@ -98,11 +98,13 @@ def test_every_kernel_gives_the_portable_bits(hd, rep):
     import llmint8
 
     rng = np.random.default_rng(hd * 10 + rep)
-    KV, cap = 2, 90
+    KV, cap = 2, 300
     q = rng.standard_normal((1, KV * rep, hd), dtype=np.float32)
     K = rng.standard_normal((1, cap, KV, hd), dtype=np.float32)
     V = rng.standard_normal((1, cap, KV, hd), dtype=np.float32)
-    want = _C.attention_decode(q, K, V, 77, 0.3, 5, kernel="portable")
-    np.testing.assert_allclose(want, ref(q, K, V, 77, 0.3, 5), rtol=ATTN_RTOL, atol=ATTN_ATOL)
-    for kern in llmint8.cpu_kernels():
-        np.testing.assert_array_equal(_C.attention_decode(q, K, V, 77, 0.3, 5, kernel=kern), want, err_msg=kern)
+    for length, start in [(77, 5), (290, 5)]:  # one block of the value pass, and three
+        want = _C.attention_decode(q, K, V, length, 0.3, start, kernel="portable")
+        np.testing.assert_allclose(want, ref(q, K, V, length, 0.3, start), rtol=ATTN_RTOL, atol=ATTN_ATOL)
+        for kern in llmint8.cpu_kernels():
+            got = _C.attention_decode(q, K, V, length, 0.3, start, kernel=kern)
+            np.testing.assert_array_equal(got, want, err_msg=kern)

@@ -9,6 +9,9 @@
 #include "common.h"
 #include "threadpool.h"
 
+/* positions per block of the value pass: 128 rows of a 64-wide head are 32 KiB */
+#define MIX_BLOCK 128
+
 typedef struct {
     const float *q, *K, *V;
     int64_t H, KV, hd, cap, s0, n;
@@ -33,9 +36,11 @@ static void scores(const float *q, const float *K, int64_t S, int64_t row, int64
         for (int64_t r = 0; r < rep; r++) sc[r * S + s] = dot(q + r * hd, K + s * row, hd) * scale;
 }
 
-/* o[d] = sum over s ascending of p[s] * V[s * row + d], each product rounded before its add */
-static void mix(float *o, const float *p, const float *V, int64_t S, int64_t row, int64_t hd) {
-    for (int64_t d = 0; d < hd; d++) o[d] = 0.0f;
+/* o[d] (+)= sum over s ascending of p[s] * V[s * row + d], each product rounded before its
+ * add; accumulate: continue the sums in o (the positions before this block) */
+static void mix(float *o, const float *p, const float *V, int64_t S, int64_t row, int64_t hd, int accumulate) {
+    if (!accumulate)
+        for (int64_t d = 0; d < hd; d++) o[d] = 0.0f;
     for (int64_t s = 0; s < S; s++)
         for (int64_t d = 0; d < hd; d++) o[d] += p[s] * V[s * row + d];
 }
@@ -89,11 +94,18 @@ static T_AVX2 void scores_avx2(const float *q, const float *K, int64_t S, int64_
         }
 }
 
-/* mix() with 64 columns of o held in eight registers across all S positions */
-static T_AVX2 void mix_avx2(float *o, const float *p, const float *V, int64_t S, int64_t row, int64_t hd) {
+/* mix() with 64 columns of o held in eight registers across the block's positions */
+static T_AVX2 void mix_avx2(float *o, const float *p, const float *V, int64_t S, int64_t row, int64_t hd,
+                            int accumulate) {
     int64_t d0 = 0;
     for (; d0 + 64 <= hd; d0 += 64) {
         __m256 o0 = _mm256_setzero_ps(), o1 = o0, o2 = o0, o3 = o0, o4 = o0, o5 = o0, o6 = o0, o7 = o0;
+        if (accumulate) {
+            o0 = _mm256_loadu_ps(o + d0); o1 = _mm256_loadu_ps(o + d0 + 8);
+            o2 = _mm256_loadu_ps(o + d0 + 16); o3 = _mm256_loadu_ps(o + d0 + 24);
+            o4 = _mm256_loadu_ps(o + d0 + 32); o5 = _mm256_loadu_ps(o + d0 + 40);
+            o6 = _mm256_loadu_ps(o + d0 + 48); o7 = _mm256_loadu_ps(o + d0 + 56);
+        }
         const float *v = V + d0;
         for (int64_t s = 0; s < S; s++, v += row) {
             const __m256 ps = _mm256_broadcast_ss(p + s);
@@ -112,7 +124,8 @@ static T_AVX2 void mix_avx2(float *o, const float *p, const float *V, int64_t S,
         _mm256_storeu_ps(o + d0 + 48, o6); _mm256_storeu_ps(o + d0 + 56, o7);
     }
     if (d0 < hd) { /* the last hd % 64 columns, in the portable loop's order */
-        for (int64_t d = d0; d < hd; d++) o[d] = 0.0f;
+        if (!accumulate)
+            for (int64_t d = d0; d < hd; d++) o[d] = 0.0f;
         for (int64_t s = 0; s < S; s++)
             for (int64_t d = d0; d < hd; d++) o[d] += p[s] * V[s * row + d];
     }
@@ -123,7 +136,7 @@ static T_AVX2 void mix_avx2(float *o, const float *p, const float *V, int64_t S,
 static inline __attribute__((always_inline)) void run_jobs(
     const attn_job *g, int64_t j0, int64_t j1,
     void (*scoresf)(const float *, const float *, int64_t, int64_t, int64_t, int64_t, float, float *),
-    void (*mixf)(float *, const float *, const float *, int64_t, int64_t, int64_t)) {
+    void (*mixf)(float *, const float *, const float *, int64_t, int64_t, int64_t, int)) {
     const int64_t rep = g->H / g->KV, hd = g->hd, S = g->n - g->s0, row = g->KV * hd;
     for (int64_t job = j0; job < j1; job++) {
         const int64_t b = job / g->KV, kv = job % g->KV;
@@ -139,8 +152,12 @@ static inline __attribute__((always_inline)) void run_jobs(
             for (int64_t s = 1; s < S; s++) mx = p[s] > mx ? p[s] : mx;
             for (int64_t s = 0; s < S; s++) sum += (p[s] = expf(p[s] - mx));
             for (int64_t s = 0; s < S; s++) p[s] /= sum;
-            /* values: the rep query heads read the same rows, the later ones from cache */
-            mixf(o + r * hd, p, V, S, row, hd);
+        }
+        /* values in blocks of positions, each block's rows read from memory by the first
+         * query head and from cache by the others */
+        for (int64_t s0 = 0; s0 < S; s0 += MIX_BLOCK) {
+            const int64_t len = S - s0 < MIX_BLOCK ? S - s0 : MIX_BLOCK;
+            for (int64_t r = 0; r < rep; r++) mixf(o + r * hd, sc + r * S + s0, V + s0 * row, len, row, hd, s0 > 0);
         }
     }
 }
