@@ -108,3 +108,9 @@ def test_every_kernel_gives_the_portable_bits(hd, rep):
         for kern in llmint8.cpu_kernels():
             got = _C.attention_decode(q, K, V, length, 0.3, start, kernel=kern)
             np.testing.assert_array_equal(got, want, err_msg=kern)
+
+
+def test_empty_shapes():
+    for qs, ks in [((1, 0, 8), (1, 5, 2, 8)), ((1, 4, 0), (1, 5, 2, 0)), ((0, 4, 8), (0, 5, 2, 8))]:
+        k = np.zeros(ks, np.float32)
+        assert _C.attention_decode(np.zeros(qs, np.float32), k, k, 3, 1.0).shape == qs
