@@ -123,12 +123,7 @@ static T_AVX2 void mix_avx2(float *o, const float *p, const float *V, int64_t S,
         _mm256_storeu_ps(o + d0 + 32, o4); _mm256_storeu_ps(o + d0 + 40, o5);
         _mm256_storeu_ps(o + d0 + 48, o6); _mm256_storeu_ps(o + d0 + 56, o7);
     }
-    if (d0 < hd) { /* the last hd % 64 columns, in the portable loop's order */
-        if (!accumulate)
-            for (int64_t d = d0; d < hd; d++) o[d] = 0.0f;
-        for (int64_t s = 0; s < S; s++)
-            for (int64_t d = d0; d < hd; d++) o[d] += p[s] * V[s * row + d];
-    }
+    if (d0 < hd) mix(o + d0, p, V + d0, S, row, hd - d0, accumulate); /* the last hd % 64 columns */
 }
 #endif
 

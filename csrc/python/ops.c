@@ -245,15 +245,16 @@ static PyObject *py_attention_decode(PyObject *mod, PyObject *args, PyObject *kw
     if (!(v = as_array(vo, "v_cache", F32_TYPES, "float32", NPY_FLOAT, 4, 4))) goto fail;
     const int64_t B = PyArray_DIM(q, 0), H = PyArray_DIM(q, 1), hd = PyArray_DIM(q, 2);
     const int64_t cap = PyArray_DIM(k, 1), KV = PyArray_DIM(k, 2);
-    char qs[128], ks[128], vs[128];
-    shape_str(q, qs, sizeof qs);
-    shape_str(k, ks, sizeof ks);
-    shape_str(v, vs, sizeof vs);
+    char qs[128], ks[128], vs[128]; /* the shapes, written only for an error message */
     if (!PyArray_SAMESHAPE(k, v)) {
+        shape_str(k, ks, sizeof ks);
+        shape_str(v, vs, sizeof vs);
         PyErr_Format(PyExc_ValueError, "k_cache and v_cache must have one shape, got %s and %s", ks, vs);
         goto fail;
     }
     if (PyArray_DIM(k, 0) != B || PyArray_DIM(k, 3) != hd || KV == 0 || H % KV != 0) {
+        shape_str(q, qs, sizeof qs);
+        shape_str(k, ks, sizeof ks);
         PyErr_Format(PyExc_ValueError,
                      "k_cache must be (B, capacity, KV, hd) with B and hd of q and H a multiple of KV; "
                      "got q %s and k_cache %s", qs, ks);

@@ -26,6 +26,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from .. import _C
 from . import device as _dev
 
 __all__ = ["Model", "METHODS", "KVCache", "Decoder", "FloatLinear", "Fp16Linear", "Int8LinearLayer", "MatmulLinear",
@@ -1039,8 +1040,6 @@ class Model:
             # BLAS products, which pack the whole cache on every call (most of a token's
             # attention time at hundreds of positions); the window is the mask's for T = 1.
             # Every cache kind takes this path, so they keep giving the same bits.
-            from llmint8 import _C
-
             kc, vc = (cache._k[i], cache._v[i]) if isinstance(cache, KVCache) else (k, v)
             o = _C.attention_decode(q.reshape(B, H, hd), kc, vc, S, scale, max(0, S - sliding) if sliding else 0)
             return self._linear(p + "attn.o", self._round(o.reshape(B, 1, H * hd)))
