@@ -40,9 +40,10 @@ import time
 import numpy as np
 
 import llmint8
+from benchutil import l3_bytes, rotating
 from llmint8 import _C
 
-L3_BYTES = 32 << 20
+L3_BYTES = l3_bytes()
 INT8_MACS_PER_CYCLE = {"portable": None, "avx2": 32, "avxvnni": 32, "avx512vnni": 64}
 
 
@@ -74,17 +75,6 @@ def timeit(fn, min_reps, min_time):
         if len(ts) >= 200:
             break
     return statistics.median(ts), min(ts), len(ts)
-
-
-def rotating(objs):
-    state = {"i": 0}
-
-    def next_obj():
-        o = objs[state["i"] % len(objs)]
-        state["i"] += 1
-        return o
-
-    return next_obj
 
 
 def make_layer(kernel, w):

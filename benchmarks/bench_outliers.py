@@ -37,6 +37,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 import llmint8  # noqa: E402
+from benchutil import l3_bytes, rotating  # noqa: E402
 from llmint8 import _C  # noqa: E402
 
 # Gemma 3 270M: q (640 -> 1024), fused q/k/v (640 -> 1536), fused gate/up (640 -> 4096)
@@ -50,31 +51,6 @@ def best_of(fn, reps, clock):
         fn()
         ts.append(clock() - t0)
     return min(ts)
-
-
-def l3_bytes() -> int:
-    """The largest cache's size from sysfs (32 MiB when it cannot be read)."""
-    best = 0
-    for i in range(8):
-        try:
-            with open(f"/sys/devices/system/cpu/cpu0/cache/index{i}/size") as f:
-                v = f.read().strip()
-        except OSError:
-            continue
-        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(v[-1:], 1)
-        best = max(best, int(v.rstrip("KMG")) * mult)
-    return best or 32 << 20
-
-
-class Rotation:
-    """Cycles through copies of an operand set, one per call."""
-
-    def __init__(self, items):
-        self.items, self.i = items, 0
-
-    def next(self):
-        self.i = (self.i + 1) % len(self.items)
-        return self.items[self.i]
 
 
 def main(argv=None):
@@ -106,20 +82,20 @@ def main(argv=None):
         # cold: enough copies that the smallest operand (the int8 weight, n k bytes; each float32
         # slice of >= 25% of the columns is as large) passes 2 x L3 between two uses of one copy
         copies = -(-2 * l3_bytes() // (n * k)) + 1 if a.cold else 1
-        layers = Rotation([llmint8.Int8Linear.from_float(w, threshold=6.0) for _ in range(copies)])
-        full = Rotation([wT.copy() for _ in range(copies)])
+        layers = rotating([llmint8.Int8Linear.from_float(w, threshold=6.0) for _ in range(copies)])
+        full = rotating([wT.copy() for _ in range(copies)])
         for m in (int(t) for t in a.tokens.split(",")):
             for share in (float(s) for s in a.shares.split(",")):
                 x = rng.standard_normal((m, k)).astype(np.float32)
                 cols = np.sort(rng.permutation(k)[: int(round(share * k))])
                 x[0, cols] = np.where(x[0, cols] < 0, -1.0, 1.0) * rng.uniform(6.0, 30.0, cols.size)
                 xs = np.ascontiguousarray(x[:, cols])
-                slices = Rotation([np.ascontiguousarray(wT[cols]) for _ in range(copies)])
+                slices = rotating([np.ascontiguousarray(wT[cols]) for _ in range(copies)])
                 t8, ts, tf = [], [], []
                 for _ in range(a.rounds):
-                    t8.append(best_of(lambda: layers.next()(x), a.reps, clock))
-                    ts.append(best_of(lambda: xs @ slices.next(), a.reps, clock))
-                    tf.append(best_of(lambda: x @ full.next(), a.reps, clock))
+                    t8.append(best_of(lambda: layers()(x), a.reps, clock))
+                    ts.append(best_of(lambda: xs @ slices(), a.reps, clock))
+                    tf.append(best_of(lambda: x @ full(), a.reps, clock))
                 t8, ts, tf = (statistics.median(t) * 1e3 for t in (t8, ts, tf))
                 print(f"{shape:>10} {m:>6} {share:>5.2f} {t8:>9.3f} {ts:>12.3f} {tf:>11.3f} {ts / t8:>14.2f} "
                       f"{tf / t8:>13.2f}", flush=True)
