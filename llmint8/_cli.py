@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import sys
 import tempfile
@@ -31,7 +32,7 @@ from typing import Callable, Sequence
 
 __all__ = ["UsageError", "CommandError", "ArgumentParser", "run_command", "broken_pipe_exit", "require_module",
            "check_input_file", "check_output_file", "check_output_dir", "positive_int",
-           "add_tokenizer_argument", "check_tokenizer", "read_text_arg", "format_duration"]
+           "add_tokenizer_argument", "check_tokenizer", "read_text_arg", "format_duration", "write_json"]
 
 
 class CommandError(Exception):
@@ -223,6 +224,16 @@ def check_output_dir(path: str, what: str = "output folder", files: Sequence[str
     finally:
         _remove_dirs(created)
     return path
+
+
+def write_json(path, obj) -> None:
+    """obj as indented JSON in the file path (a --json option, a report); an OSError becomes a
+    CommandError naming the file."""
+    try:
+        with open(path, "w") as f:
+            json.dump(obj, f, indent=2)
+    except OSError as e:
+        raise CommandError(f"cannot write {os.fspath(path)!r}: {e.strerror or e}") from None
 
 
 def add_tokenizer_argument(p: argparse.ArgumentParser) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
 import pathlib
@@ -22,7 +21,7 @@ from .outliers import DEFAULT_MIN_LAYER_SHARE, DEFAULT_MIN_POSITION_SHARE, DEFAU
 from .._cli import (ArgumentParser, CommandError, UsageError, check_input_file, check_output_dir,
                     check_output_file, require_module)
 from .._cli import run_command
-from .._cli import add_tokenizer_argument, check_tokenizer, format_duration, read_text_arg
+from .._cli import add_tokenizer_argument, check_tokenizer, format_duration, read_text_arg, write_json
 
 PROG = "python -m llmint8 analyze"
 DEFAULT_MODEL = "stories260K"
@@ -434,10 +433,7 @@ def _run(args) -> int:
         "cpu_seconds": round(cpu, 2),
         "timings": timer.to_dict(),
     }
-    try:
-        (out / "report.json").write_text(json.dumps(_jsonable(report), indent=2))
-    except OSError as e:
-        raise CommandError(f"cannot write {out / 'report.json'}: {e.strerror or e}") from None
+    write_json(out / "report.json", _jsonable(report))
     print(f"\nwrote {out / 'report.json'} and plots to {out}/")
     print(f"took {format_duration(wall)} ({format_duration(cpu)} CPU): {timer.line()}")
     return 0
@@ -513,11 +509,7 @@ def _outliers_command(argv: list[str]) -> int:
     if args.json:
         report = {"model": name, "spec": args.model, "source": str(text_path), "n_tokens": n,
                   "threshold": args.threshold, "inputs": rows}
-        try:
-            with open(args.json, "w") as f:
-                json.dump(report, f, indent=2)
-        except OSError as e:
-            raise CommandError(f"cannot write {args.json!r}: {e.strerror or e}") from None
+        write_json(args.json, report)
     return 0
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -10,7 +9,7 @@ import time
 
 from .._cli import (ArgumentParser, CommandError, UsageError, check_input_file, check_output_file,
                     require_module, run_command)
-from .._cli import add_tokenizer_argument, check_tokenizer, format_duration, read_text_arg
+from .._cli import add_tokenizer_argument, check_tokenizer, format_duration, read_text_arg, write_json
 
 PROG = "python -m llmint8 perplexity"
 DEFAULT_METHODS = "fp16,llm.int8,vectorwise,rowwise,absmax,zeropoint"
@@ -185,11 +184,7 @@ def _perplexity_command(argv: list[str]) -> int:
         out = dict(model=model.name, arch=model.arch, n_params=model.n_params, baseline_note=model.baseline_note,
                    text=os.path.abspath(args.text), n_tokens=len(tokens), context=args.context, stride=args.stride,
                    dtype=args.dtype, device=args.device, threshold=args.threshold, results=rows)
-        try:
-            with open(args.json, "w") as f:
-                json.dump(out, f, indent=2)
-        except OSError as e:
-            raise CommandError(f"cannot write {args.json!r}: {e.strerror or e}") from None
+        write_json(args.json, out)
     return 0
 
 
