@@ -70,3 +70,29 @@ def int8linear_nbytes(kernel, n, k, n_outliers=0, bias=False):
     outlier columns with their int32 indices, and the float32 bias."""
     return (packed_weight_nbytes(kernel, n, k) + 4 * n + (2 * n + 4) * n_outliers
             + (4 * n if bias else 0))
+
+
+# --------------------------------------------------------------------------- command lines
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fail the test if a command starts loading a model: its argument checks must come first."""
+    import llmint8.analysis.cli as acli
+    import llmint8.models as models
+
+    def boom(*a, **k):
+        raise AssertionError("the command loaded a model before checking its arguments")
+
+    monkeypatch.setattr(models, "load_model", boom)
+    monkeypatch.setattr(acli, "_load", boom)
+
+
+def one_line_error(capsys, rc, expected_rc, *words):
+    """A command's failure: exit status expected_rc and one line on stderr holding every word."""
+    err = capsys.readouterr().err
+    assert rc == expected_rc, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for w in words:
+        assert w in lines[0], lines[0]

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import llmint8.__main__ as cli
+from conftest import one_line_error
 from data_paths import STORIES_BIN, WIKITEXT_TEST, require
 from llmint8.analysis import experiments as E
 from llmint8.analysis import input_key
@@ -85,26 +86,7 @@ def test_zeroing_experiment_fast_path_and_baseline_reuse_change_nothing(stories)
 
 # ---------------------------------------------------------------- output paths (defect 10)
 
-@pytest.fixture
-def no_work(monkeypatch):
-    """Fail the test if a command starts loading a model: its checks must come first."""
-    import llmint8.analysis.cli as acli
-    import llmint8.models as models
 
-    def boom(*a, **k):
-        raise AssertionError("the command loaded a model before checking its arguments")
-
-    monkeypatch.setattr(models, "load_model", boom)
-    monkeypatch.setattr(acli, "_load", boom)
-
-
-def _one_line(capsys, rc, expected, *words):
-    err = capsys.readouterr().err
-    assert rc == expected, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for w in words:
-        assert w in lines[0], lines[0]
 
 
 def _refusing_dir():
@@ -133,7 +115,7 @@ def test_unwritable_outputs_are_found_before_any_work(tmp_path, capsys, no_work)
         (["quantize", "--model", "stories260K", "--out", f"{bad}/llmint8-q"], "--out"),
     ]
     for argv, word in cases:
-        _one_line(capsys, cli.main(argv), 2, word, bad)
+        one_line_error(capsys, cli.main(argv), 2, word, bad)
 
 
 def test_analyze_refuses_an_output_file_name_taken_by_a_folder(tmp_path, capsys, no_work):
@@ -141,7 +123,7 @@ def test_analyze_refuses_an_output_file_name_taken_by_a_folder(tmp_path, capsys,
     (out / "heatmap.png").mkdir(parents=True)
     text = tmp_path / "t.txt"
     text.write_text("Once upon a time")
-    _one_line(capsys, cli.main(["analyze", "--out", str(out), "--text", str(text)]), 2, "heatmap.png", "folder")
+    one_line_error(capsys, cli.main(["analyze", "--out", str(out), "--text", str(text)]), 2, "heatmap.png", "folder")
 
 
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes into read-only folders")
@@ -152,8 +134,8 @@ def test_read_only_folder_is_refused(tmp_path, capsys, no_work):
     text = tmp_path / "t.txt"
     text.write_text("Once upon a time")
     try:
-        _one_line(capsys, cli.main(["analyze", "--out", str(ro / "o"), "--text", str(text)]), 2, "--out")
-        _one_line(capsys, cli.main(["outliers", "--json", str(ro / "x.json"), "--text", str(text)]), 2, "--json")
+        one_line_error(capsys, cli.main(["analyze", "--out", str(ro / "o"), "--text", str(text)]), 2, "--out")
+        one_line_error(capsys, cli.main(["outliers", "--json", str(ro / "x.json"), "--text", str(text)]), 2, "--json")
     finally:
         ro.chmod(0o755)
 
@@ -197,7 +179,7 @@ def test_model_without_tokenizer(bare_model, tmp_path, capsys, stories):
     text.write_text("Once upon a time")
     for cmd in (["analyze", "--out", str(tmp_path / "o")], ["outliers"]):
         rc = cli.main(cmd + ["--model", str(bare_model), "--text", str(text), "--no-progress"])
-        _one_line(capsys, rc, 2, "no tokenizer", "--token-ids")
+        one_line_error(capsys, rc, 2, "no tokenizer", "--token-ids")
     # token ids encoded elsewhere run the analysis: the same ids give what the text gives
     ids = E.tokenize_text(stories, open(require(*WIKITEXT_TEST), encoding="utf-8").read(4000), 100)
     ids_file = tmp_path / "ids.txt"
@@ -215,10 +197,10 @@ def test_model_without_tokenizer(bare_model, tmp_path, capsys, stories):
     bad.write_text("1 2 three")
     for argv, words in ((["--token-ids", str(bad)], ("three",)),
                         (["--token-ids", str(ids_file), "--text", str(text)], ("not both",))):
-        _one_line(capsys, cli.main(["outliers", "--model", str(bare_model)] + argv), 2, *words)
+        one_line_error(capsys, cli.main(["outliers", "--model", str(bare_model)] + argv), 2, *words)
     big = tmp_path / "big.txt"
     big.write_text("1 2 99999")
-    _one_line(capsys, cli.main(["outliers", "--model", str(bare_model), "--token-ids", str(big), "--no-progress"]),
+    one_line_error(capsys, cli.main(["outliers", "--model", str(bare_model), "--token-ids", str(big), "--no-progress"]),
               2, "[0, 512)")
     assert cli.main(["outliers", "--model", str(bare_model), "--token-ids", str(tmp_path / "ids.npy"),
                      "--no-progress"]) == 0

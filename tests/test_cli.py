@@ -8,6 +8,7 @@ import pytest
 
 import llmint8
 import llmint8.__main__ as cli
+from conftest import one_line_error
 from data_paths import STORIES_BIN, require
 
 
@@ -38,26 +39,7 @@ def test_module_entry_point_version():
     assert r.returncode == 0 and r.stdout.strip() == f"llmint8 {llmint8.__version__}"
 
 
-@pytest.fixture
-def no_work(monkeypatch):
-    """Fail the test if a command starts loading a model: its argument checks must come first."""
-    import llmint8.analysis.cli as acli
-    import llmint8.models as models
 
-    def boom(*a, **k):
-        raise AssertionError("the command loaded a model before checking its arguments")
-
-    monkeypatch.setattr(models, "load_model", boom)
-    monkeypatch.setattr(acli, "_load", boom)
-
-
-def _one_line_error(capsys, rc, expected_rc, *words):
-    err = capsys.readouterr().err
-    assert rc == expected_rc, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for w in words:
-        assert w in lines[0], lines[0]
 
 
 @pytest.mark.parametrize("argv, words", [
@@ -80,21 +62,21 @@ def _one_line_error(capsys, rc, expected_rc, *words):
     (["analyze", "--bogus"], ("--bogus",)),
 ])
 def test_usage_errors_come_before_any_work(argv, words, capsys, no_work):
-    _one_line_error(capsys, cli.main(argv), 2, *words)
+    one_line_error(capsys, cli.main(argv), 2, *words)
 
 
 def test_cuda_device_without_cuda_is_a_usage_error(capsys, no_work):
     if llmint8.cuda_available():
         pytest.skip("CUDA is available here")
     rc = cli.main(["perplexity", "--model", "stories260K", "--text", __file__, "--device", "cuda"])
-    _one_line_error(capsys, rc, 2, "--device cuda")
+    one_line_error(capsys, rc, 2, "--device cuda")
 
 
 def test_empty_text_is_a_usage_error(tmp_path, capsys, no_work):
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")
-    _one_line_error(capsys, cli.main(["perplexity", "--model", "stories260K", "--text", str(empty)]), 2, "no text")
-    _one_line_error(capsys, cli.main(["analyze", "--text", str(empty), "--out", str(tmp_path / "o")]), 2, "no text")
+    one_line_error(capsys, cli.main(["perplexity", "--model", "stories260K", "--text", str(empty)]), 2, "no text")
+    one_line_error(capsys, cli.main(["analyze", "--text", str(empty), "--out", str(tmp_path / "o")]), 2, "no text")
 
 
 @pytest.mark.parametrize("module, extra, argv", [
@@ -107,7 +89,7 @@ def test_missing_optional_dependency_is_named_up_front(module, extra, argv, monk
     text = tmp_path / "t.txt"
     text.write_text("some text to read")
     rc = cli.main(argv + ["--text", str(text)] + (["--out", str(tmp_path / "out")] if argv[0] == "analyze" else []))
-    _one_line_error(capsys, rc, 1, module, f"pip install 'llmint8[{extra}]'")
+    one_line_error(capsys, rc, 1, module, f"pip install 'llmint8[{extra}]'")
 
 
 def test_unexpected_failure_is_one_line_exit_1(tmp_path, capsys, monkeypatch):
@@ -121,7 +103,7 @@ def test_unexpected_failure_is_one_line_exit_1(tmp_path, capsys, monkeypatch):
     text = tmp_path / "t.txt"
     text.write_text("Once upon a time")
     rc = cli.main(["perplexity", "--model", "stories260K", "--text", str(text), "--no-progress"])
-    _one_line_error(capsys, rc, 1, "RuntimeError", "something broke over two lines")
+    one_line_error(capsys, rc, 1, "RuntimeError", "something broke over two lines")
 
 
 def test_perplexity_prints_token_budget_and_estimate(tmp_path, capsys):
@@ -152,7 +134,7 @@ def test_analyze_resolves_data_through_llmint8_data(tmp_path, monkeypatch, capsy
     empty.mkdir()
     monkeypatch.setenv("LLMINT8_DATA", str(empty))
     assert acli.default_text() is None
-    _one_line_error(capsys, cli.main(["analyze", "--out", str(tmp_path / "o")]), 2, f"$LLMINT8_DATA={empty}")
+    one_line_error(capsys, cli.main(["analyze", "--out", str(tmp_path / "o")]), 2, f"$LLMINT8_DATA={empty}")
     with pytest.raises(zoo.ZooError, match="LLMINT8_DATA"):
         zoo.fetch("stories260K")
 

@@ -352,25 +352,27 @@ def llama2c_weights():
             "rms_final": 1 + rnd(D, scale=0.1), "wcls": rnd(V, D)}
 
 
+def llama2c_ref(w, tok, shared=False):
+    """float64 logits (T, vocab) of the llama2c_weights() model w for the token ids tok."""
+    x = w["emb"][tok].astype(np.float64)
+    for i in range(L):
+        h = rms(x, w["rms_att"][i], 1e-5)
+        a = attention(h @ w["wq"][i].T, h @ w["wk"][i].T, h @ w["wv"][i].T, H, KV, rope_complex)
+        x = x + a @ w["wo"][i].T
+        h = rms(x, w["rms_ffn"][i], 1e-5)
+        x = x + (silu(h @ w["w1"][i].T) * (h @ w["w3"][i].T)) @ w["w2"][i].T
+    return rms(x, w["rms_final"], 1e-5) @ (w["emb"] if shared else w["wcls"]).T
+
+
 @pytest.mark.parametrize("shared", [True, False])
 def test_llama2c_roundtrip(tmp_path, shared):
     w = llama2c_weights()
     p = str(tmp_path / "m.bin")
     write_llama2c(p, w, shared)
 
-    def ref(tok):
-        x = w["emb"][tok].astype(np.float64)
-        for i in range(L):
-            h = rms(x, w["rms_att"][i], 1e-5)
-            a = attention(h @ w["wq"][i].T, h @ w["wk"][i].T, h @ w["wv"][i].T, H, KV, rope_complex)
-            x = x + a @ w["wo"][i].T
-            h = rms(x, w["rms_ffn"][i], 1e-5)
-            x = x + (silu(h @ w["w1"][i].T) * (h @ w["w3"][i].T)) @ w["w2"][i].T
-        return rms(x, w["rms_final"], 1e-5) @ (w["emb"] if shared else w["wcls"]).T
-
     m = load_model(p)
     assert m.config["tie_embeddings"] is shared and m.tokenizer is None
-    check(m, ref, tokens_batch())
+    check(m, lambda tok: llama2c_ref(w, tok, shared), tokens_batch())
 
 
 # --------------------------------------------------------------------------- GGUF

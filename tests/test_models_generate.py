@@ -9,11 +9,12 @@ import json
 
 import numpy as np
 import pytest
-from test_models_formats import (HD, KV, L, H, attention, llama2c_weights, llama_config, llama_tensors, rms,
-                                 rope_complex, silu, write_hf, write_llama2c)
+from test_models_formats import (HD, KV, L, H, llama2c_ref, llama2c_weights, llama_config, llama_tensors, write_hf,
+                                 write_llama2c)
 
 import llmint8
 import llmint8.__main__ as cli
+from conftest import one_line_error
 from data_paths import STORIES_BIN, require
 from llmint8.models import generate, load_model
 from llmint8.models.generate import (_encode_rendered, apply_chat_template, next_token, sampling_probs,
@@ -44,14 +45,7 @@ def _tiny_llama2c(tmp_path):
     write_llama2c(p, w, shared=False, seq=32)
 
     def ref(tok):  # float64 logits of the last position, the whole sequence recomputed
-        x = w["emb"][tok].astype(np.float64)
-        for i in range(L):
-            h = rms(x, w["rms_att"][i], 1e-5)
-            a = attention(h @ w["wq"][i].T, h @ w["wk"][i].T, h @ w["wv"][i].T, H, KV, rope_complex)
-            x = x + a @ w["wo"][i].T
-            h = rms(x, w["rms_ffn"][i], 1e-5)
-            x = x + (silu(h @ w["w1"][i].T) * (h @ w["w3"][i].T)) @ w["w2"][i].T
-        return (rms(x, w["rms_final"], 1e-5) @ w["wcls"].T)[-1]
+        return llama2c_ref(w, tok)[-1]
 
     return load_model(p), ref
 
@@ -464,23 +458,7 @@ def test_gguf_chat_template_and_saved_folder(tmp_path):
 # --------------------------------------------------------------------------- command line
 
 
-def _one_line_error(capsys, rc, expected_rc, *words):
-    err = capsys.readouterr().err
-    assert rc == expected_rc, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for w in words:
-        assert w in lines[0], lines[0]
 
-
-@pytest.fixture
-def no_work(monkeypatch):
-    import llmint8.models as models
-
-    def boom(*a, **k):
-        raise AssertionError("the command loaded a model before checking its arguments")
-
-    monkeypatch.setattr(models, "load_model", boom)
 
 
 G = ["generate", "--model", "stories260K", "--prompt", "Once"]
@@ -495,25 +473,25 @@ G = ["generate", "--model", "stories260K", "--prompt", "Once"]
     (["--threshold", "nan"], ("--threshold",)), (["--device", "tpu"], ("--device", "tpu")), (["--stop", ""], ("--stop",)), (["--bogus"], ("--bogus",)),
 ])
 def test_cli_usage_errors_before_any_work(extra, words, capsys, no_work):
-    _one_line_error(capsys, cli.main(G + extra), 2, *words)
+    one_line_error(capsys, cli.main(G + extra), 2, *words)
 
 
 def test_cli_unknown_model_and_missing_prompt(capsys, no_work):
-    _one_line_error(capsys, cli.main(["generate", "--model", "no-such-model", "--prompt", "x"]), 2, "neither")
-    _one_line_error(capsys, cli.main(["generate", "--model", "stories260K"]), 2, "--prompt")
-    _one_line_error(capsys, cli.main(["generate", "--model", "stories260K", "--prompt", ""]), 2, "--prompt")
+    one_line_error(capsys, cli.main(["generate", "--model", "no-such-model", "--prompt", "x"]), 2, "neither")
+    one_line_error(capsys, cli.main(["generate", "--model", "stories260K"]), 2, "--prompt")
+    one_line_error(capsys, cli.main(["generate", "--model", "stories260K", "--prompt", ""]), 2, "--prompt")
 
 
 def test_cli_cuda_without_cuda(capsys, no_work):
     if llmint8.cuda_available():
         pytest.skip("CUDA is available here")
-    _one_line_error(capsys, cli.main(G + ["--device", "cuda"]), 2, "--device cuda")
+    one_line_error(capsys, cli.main(G + ["--device", "cuda"]), 2, "--device cuda")
 
 
 def test_cli_errors_found_after_loading(capsys):
     require(*STORIES_BIN)
-    _one_line_error(capsys, cli.main(G + ["--max-new-tokens", "600"]), 2, "context of 512")
-    _one_line_error(capsys, cli.main(G + ["--chat"]), 2, "no chat template")
+    one_line_error(capsys, cli.main(G + ["--max-new-tokens", "600"]), 2, "context of 512")
+    one_line_error(capsys, cli.main(G + ["--chat"]), 2, "no chat template")
 
 
 def test_cli_methods_side_by_side(capsys, stories):
