@@ -11,8 +11,15 @@ Environment:
                      this, a failing nvcc leaves a CPU-only build and says why)
   CUDA_HOME, CUDA_PATH  the CUDA toolkit (default: where nvcc on PATH lives, /usr/local/cuda)
   LLMINT8_CUDA_ARCHS GPU architectures to compile for, e.g. "90" or "80;90"
-                     (default: sm_80, sm_86, sm_89, sm_90 and PTX for compute_90)
+                     (default: sm_80, sm_86, sm_89, sm_90 and PTX for compute_90). With
+                     "90a" among them and CUTLASS's headers found, the Hopper GEMM with the
+                     dequantization in its epilogue is built too (csrc/cuda/gemm_sm90*:
+                     about 2-3 minutes and 4.5 GB of memory per file; `pip install
+                     --no-deps nvidia-cutlass` provides the headers)
+  LLMINT8_CUTLASS_DIR a CUTLASS checkout to take the headers from instead of the
+                     nvidia-cutlass package
 """
+import hashlib
 import os
 import re
 import shutil
@@ -41,6 +48,9 @@ C_SOURCES = _files("core", ".c") + [f for f in _files("python", ".c") if not os.
 CUDA_EXT_SOURCES = [f for f in _files("python", ".c") if os.path.basename(f).startswith("cuda_")] + [
     os.path.join(CSRC, "python", "shared.c"), os.path.join(CSRC, "core", "common.c")]
 CUDA_SOURCES = _files("cuda", ".cu")
+# the CUTLASS kernels (sm_90a only, built when CUTLASS's headers are found)
+SM90_SOURCES = [f for f in CUDA_SOURCES if os.path.basename(f).startswith("gemm_sm90")]
+CUDA_SOURCES = [f for f in CUDA_SOURCES if f not in SM90_SOURCES]
 INCLUDE_DIRS = [os.path.join(CSRC, d) for d in ("core", "cuda", "python")]
 HEADERS = [f for d in ("core", "cuda", "python") for f in _files(d, ".h")]
 
@@ -81,6 +91,22 @@ def _gencode_flags():
     return flags, " ".join([f"sm_{a}" for a in archs] + [f"compute_{archs[-1]}"])
 
 
+def _cutlass_includes():
+    """CUTLASS's header folders (include/, tools/util/include/) from LLMINT8_CUTLASS_DIR or
+    the nvidia-cutlass package (found without importing it), or None."""
+    root = os.environ.get("LLMINT8_CUTLASS_DIR", "").strip()
+    if not root:
+        import importlib.util
+        spec = importlib.util.find_spec("cutlass_library")
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        root = os.path.join(list(spec.submodule_search_locations)[0], "source")
+    dirs = [os.path.join(root, "include"), os.path.join(root, "tools", "util", "include")]
+    need = [os.path.join(dirs[0], "cutlass", "gemm", "collective", "collective_builder.hpp"),
+            os.path.join(dirs[1], "cutlass", "util", "packed_stride.hpp")]
+    return dirs if all(os.path.isfile(f) for f in need) else None
+
+
 def _local_includes(path, seen=None):
     """The csrc headers `path` includes with #include "...", recursively."""
     seen = set() if seen is None else seen
@@ -103,34 +129,63 @@ class BuildExt(build_ext):
         self._inplace_requested = bool(self.inplace)
         super().run()
 
-    def _build_cuda(self, nvcc, gencode):
-        """Compile csrc/*.cu with nvcc into build_temp (files in parallel, each one's
-        architectures in parallel too); skip objects newer than every source and header
-        and built with the same flags (recorded in flags.txt beside the objects, so that
-        a change of LLMINT8_CUDA_ARCHS or of nvcc recompiles everything)."""
-        out_dir = os.path.join(self.build_temp, "cuda")
+    def _build_cuda(self, nvcc, gencode, cutlass):
+        """Compile csrc/*.cu with nvcc into build/cuda-objects (files in parallel, each one's
+        architectures in parallel too). cutlass: CUTLASS's include folders, to build the sm_90a
+        GEMM files too (for sm_90a only), or None. An object is reused when the stamp beside
+        it (.sig) matches: a hash of nvcc's version, the flags, the source and every csrc
+        header it includes (this tree's path and CUTLASS's left out, CUTLASS's version in).
+        So a change of LLMINT8_CUDA_ARCHS, of nvcc or of a source recompiles what it
+        touches, and a build folder carried to a GPU machine (another checkout path, another
+        Python) is reused there as is."""
+        out_dir = os.path.join(HERE, "build", "cuda-objects")
         os.makedirs(out_dir, exist_ok=True)
-        flags = ["-O3", "-std=c++17", "--threads", "0", "-Xcompiler", "-fPIC,-fvisibility=hidden,-Wall",
-                 "-DLLMINT8_CUDA=1"] + ["-I" + os.path.join(HERE, d) for d in INCLUDE_DIRS] + gencode
-        flags_file = os.path.join(out_dir, "flags.txt")
-        signature = "\n".join([nvcc] + flags) + "\n"
-        try:
-            with open(flags_file, encoding="utf-8") as f:
-                same_flags = f.read() == signature
-        except OSError:
-            same_flags = False
+        base = ["-O3", "-std=c++17", "--threads", "0", "-Xcompiler", "-fPIC,-fvisibility=hidden,-Wall",
+                "-DLLMINT8_CUDA=1"] + ["-DLLMINT8_SM90_GEMM=1"] * bool(cutlass) + [
+                "-I" + os.path.join(HERE, d) for d in INCLUDE_DIRS]
+        flags = base + gencode
+        # CUTLASS: no asserts (a device assert is a call, which serializes the wgmma pipeline)
+        # and Programmatic Dependent Launch's wait inside CUTLASS's kernels (gemm_sm90.cuh)
+        sm90_flags = base + ["-DNDEBUG", "--expt-relaxed-constexpr", "-DCUTLASS_ENABLE_GDC_FOR_SM90=1"] + ["-I" + d for d in cutlass or []] + [
+            "-gencode=arch=compute_90a,code=sm_90a"]
+        version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+        if cutlass:
+            with open(os.path.join(cutlass[0], "cutlass", "version.h"), encoding="utf-8") as f:
+                version += f.read()
+
+        def stamp(src, fl):
+            text = "\n".join(fl)
+            for d in cutlass or []:
+                text = text.replace(d, "<cutlass>")
+            h = hashlib.sha256((version + text.replace(HERE, "<src>")).encode())
+            for f in sorted([src, *_local_includes(src)]):
+                with open(f, "rb") as fh:
+                    h.update(os.path.relpath(f, HERE).encode() + b"\0" + fh.read())
+            return h.hexdigest()
+
         jobs, objects = [], []
-        for src in CUDA_SOURCES:
+        for src, fl in [(f, flags) for f in CUDA_SOURCES] + [(f, sm90_flags) for f in SM90_SOURCES if cutlass]:
             src = os.path.join(HERE, src)
             obj = os.path.join(out_dir, os.path.basename(src) + ".o")
             objects.append(obj)
-            newest = max(os.path.getmtime(f) for f in [src, *_local_includes(src)])
-            if self.force or not same_flags or not os.path.exists(obj) or os.path.getmtime(obj) < newest:
-                jobs.append([nvcc] + flags + ["-c", src, "-o", obj])
+            sig = stamp(src, fl)
+            try:
+                with open(obj + ".sig", encoding="utf-8") as f:
+                    same = f.read() == sig and os.path.exists(obj)
+            except OSError:
+                same = False
+            if self.force or not same:
+                jobs.append(([nvcc] + fl + ["-c", src, "-o", obj], sig))
 
-        def run(cmd):
+        def run(job):
+            cmd, sig = job
             t0 = time.time()
+            if os.path.exists(cmd[-1] + ".sig"):
+                os.remove(cmd[-1] + ".sig")  # a failed compile leaves no stamp that matches
             r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode == 0:
+                with open(cmd[-1] + ".sig", "w", encoding="utf-8") as f:
+                    f.write(sig)
             return cmd, r, time.time() - t0
 
         t0 = time.time()
@@ -144,9 +199,8 @@ class BuildExt(build_ext):
                 print(f"llmint8: nvcc {name} ({dt:.1f} s)")
         if jobs:
             print(f"llmint8: CUDA sources compiled in {time.time() - t0:.1f} s")
-        if not same_flags:  # only once every object has been built with these flags
-            with open(flags_file, "w", encoding="utf-8") as f:
-                f.write(signature)
+        else:
+            print(f"llmint8: CUDA objects up to date in {os.path.relpath(out_dir, HERE)}")
         return objects
 
     def _cuda_off(self, c_ext, reason):
@@ -205,9 +259,17 @@ class BuildExt(build_ext):
             print("llmint8: nvcc not found; building the CPU backend only (set CUDA_HOME to build the CUDA backend)")
             return self._cuda_off(c_ext, "nvcc not found")
         gencode, arch_names = _gencode_flags()
+        cutlass = None
+        if "sm_90a" in arch_names.split():
+            cutlass = _cutlass_includes()
+            if cutlass:
+                print(f"llmint8: sm_90a with CUTLASS ({cutlass[0]}): building the Hopper GEMM (minutes)")
+            else:
+                print("llmint8: sm_90a requested but CUTLASS's headers were not found (pip install --no-deps "
+                      "nvidia-cutlass, or set LLMINT8_CUTLASS_DIR): the Hopper GEMM is left out")
         try:
             lib = _cuda_lib_dir(home)
-            objects = self._build_cuda(nvcc, gencode)
+            objects = self._build_cuda(nvcc, gencode, cutlass)
         except RuntimeError as e:
             if mode == "1":
                 raise
@@ -222,7 +284,9 @@ class BuildExt(build_ext):
         cuda_ext.runtime_library_dirs.append(lib)  # rpath: libcudart loads without a GPU; the driver at run time
         cuda_ext.libraries.extend(["cublasLt", "cudart", "stdc++"])
         cuda_ext.define_macros.extend([("LLMINT8_CUDA", "1"), ("LLMINT8_CUDA_ARCHS", f'"{arch_names}"')])
-        self._config = f"cuda: {nvcc} {arch_names}"
+        if cutlass:
+            cuda_ext.define_macros.append(("LLMINT8_SM90_GEMM", "1"))
+        self._config = f"cuda: {nvcc} {arch_names}" + (" sm90-gemm" if cutlass else "")
 
     def build_extensions(self):
         by_name = {e.name: e for e in self.extensions}

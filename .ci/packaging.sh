@@ -14,7 +14,7 @@ export LLMINT8_CUDA_ARCHS=${LLMINT8_CUDA_ARCHS:-90}  # one GPU target: this chec
 sdist=$(ls "$work"/dist/llmint8-*.tar.gz)
 echo "packaging: built $(basename "$sdist")"
 # every C, CUDA and header file of the source tree is in the sdist
-missing=$(comm -23 <(cd csrc && find . -type f \( -name '*.c' -o -name '*.h' -o -name '*.cu' \) | sed 's|^\./||' | sort) \
+missing=$(comm -23 <(cd csrc && find . -type f \( -name '*.c' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' \) | sed 's|^\./||' | sort) \
                    <(tar -tzf "$sdist" | sed -n 's|^[^/]*/csrc/||p' | sort))
 if [[ -n $missing ]]; then echo "packaging: the sdist lacks: $missing"; exit 1; fi
 # and what the README points to: benchmarks/, notebooks/ (every file git tracks there)

@@ -8,7 +8,9 @@ What is timed (same run, same device buffers, fp16 in and out, bias on):
             fp16 outlier product and the bias.
   int8 t=0  the same layer without decomposition (threshold 0).
   fused     int8 t=6 with the fused paths forced (_cuda._set_fused("all"): one launch for
-            m <= 16 tokens, the two-launch quantizer before the int8 GEMM above that).
+            m <= 16 tokens, the two-launch quantizer before the int8 GEMM above that; on
+            Hopper with build_info()["sm90_gemm"], that GEMM is the CUTLASS one with the
+            dequantization in its epilogue instead of cuBLASLt + a separate epilogue).
 x is N(0, 1) with 0.1% of its columns (at least one) holding outliers of magnitude 20 to
 100 in every row, as in the paper's large models.
 
@@ -111,6 +113,7 @@ def main(argv=None):
     iters = max(50, args.iters)
     info = llmint8.build_info()
     print(f"llmint8 {llmint8.__version__}, CUDA {info.get('cuda_version')}, archs {info.get('cuda_archs')}, "
+          f"sm90 GEMM {'built' if info.get('sm90_gemm') else 'not built'}, "
           f"median of {iters} calls, L2 flushed before each call")
     print("GPU ms: CUDA events, L2 flushed before each call; wall us: back-to-back calls, no flush; "
           "ratio: int8 (t=6) / fp16")

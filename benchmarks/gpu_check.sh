@@ -3,7 +3,8 @@
 # the backend-parametrized suites on cuda, compute-sanitizer (memcheck, racecheck,
 # initcheck) on a short program that walks every CUDA path, the CUDA-graph capture check,
 # the GPU benchmark and a kernel-level profile of the forward (ncu). The fused paths (opt-in
-# until checked here: LLMINT8_CUDA_FUSED=all) get their own test run, smoke run,
+# until checked here: LLMINT8_CUDA_FUSED=all; on Hopper that includes the sm90 GEMM with the
+# dequantization in its epilogue, when built) get their own test run, smoke run,
 # sanitizer runs and profile; the benchmark times them beside the default dispatch and
 # --check says which targets are met. Logs go to $OUT when
 # set, else ./gpu-check-logs; the last lines printed are a one-screen summary. Budget:
@@ -11,16 +12,18 @@
 # fused and model phases were added; with them about 5-7 minutes expected, not yet measured: if the
 # budget is short, GPU_CHECK_SKIP="profile modelbench" saves about 3). The build
 # phase recompiles every .cu file unless the build folder made by the same nvcc with the same
-# LLMINT8_CUDA_ARCHS is present (setup.py keeps objects whose flags and sources are unchanged).
+# LLMINT8_CUDA_ARCHS is present (setup.py keeps objects whose flags and sources are unchanged:
+# build/cuda-objects, made on another machine by benchmarks/gpu_prepare.sh and carried).
 #
 #   bash benchmarks/gpu_check.sh            # everything
 #   GPU_CHECK_SKIP="bench profile" bash benchmarks/gpu_check.sh
 #
 # Exit status 0 when every phase passed.
 # Environment: PYTHON (default python3), LLMINT8_CUDA_ARCHS (default: the GPU's own,
-# read from nvidia-smi, else 90), GPU_CHECK_SKIP (phases to leave out, by name: build
-# tests fused smoke smokefused graph memcheck racecheck initcheck fmemcheck fracecheck finitcheck
-# bench profile models modelbench),
+# read from nvidia-smi, else 90; 90a on a compute capability 9.0 GPU when CUTLASS's headers
+# are found), LLMINT8_CUTLASS_DIR (default ./gpu-data/cutlass when present), GPU_CHECK_SKIP
+# (phases to leave out, by name: build tests fused sm90 smoke smokefused graph memcheck
+# racecheck initcheck fmemcheck fracecheck finitcheck bench profile models modelbench),
 # GPU_CHECK_STORIES (stories260K.bin or its folder for the model check; default
 # ./gpu-data/stories260K, else the shared data folder). The model phases need CuPy.
 set -uo pipefail
@@ -61,13 +64,19 @@ phase() {  # phase NAME TIMEOUT_S CMD...: run CMD with its output in $LOG/NAME.l
 } >"$LOG/env.log" 2>&1
 cat "$LOG/env.log"
 
+[[ -z ${LLMINT8_CUTLASS_DIR:-} && -d gpu-data/cutlass/include ]] && export LLMINT8_CUTLASS_DIR=$PWD/gpu-data/cutlass
 if [[ -z ${LLMINT8_CUDA_ARCHS:-} ]]; then
     cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d ' .')
     export LLMINT8_CUDA_ARCHS=${cap:-90}
+    # Hopper: the sm_90a target, which builds the sm90 GEMM too when CUTLASS's headers are here
+    if [[ $LLMINT8_CUDA_ARCHS == 90 ]] && { [[ -n ${LLMINT8_CUTLASS_DIR:-} ]] ||
+        $PY -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('cutlass_library') is None)"; }; then
+        export LLMINT8_CUDA_ARCHS=90a
+    fi
 fi
 SAN=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)
 
-phase build 300 env LLMINT8_CUDA=1 $PY -m pip install --no-build-isolation --no-deps -v -e . || {
+phase build 420 env LLMINT8_CUDA=1 $PY -m pip install --no-build-isolation --no-deps -v -e . || {
     cat "$SUMMARY"; exit 1; }
 $PY -c "import llmint8, json; print(json.dumps(llmint8.build_info())); print('cuda_available', llmint8.cuda_available())" \
     | tee -a "$LOG/env.log"
@@ -79,6 +88,8 @@ phase tests 240 $PY -m pytest -q -p no:cacheprovider -o addopts="" -rfE \
 # two-launch quantizer above; the fused tests force them anyway)
 phase fused 180 env LLMINT8_CUDA_FUSED=all $PY -m pytest -q -p no:cacheprovider -o addopts="" -rfE \
     tests/test_cuda.py tests/test_linear.py
+# the sm90 GEMM's own tests (-rs: a skip says why, e.g. a build without it)
+phase sm90 120 $PY -m pytest -q -p no:cacheprovider -o addopts="" -rfEs tests/test_cuda.py -k sm90
 phase smoke 60 $PY benchmarks/gpu_smoke.py
 phase smokefused 60 $PY benchmarks/gpu_smoke.py --fused --graph
 phase graph 60 $PY -m pytest -q -p no:cacheprovider -o addopts="" tests/test_cuda.py -k "graph or two_streams"

@@ -3,8 +3,9 @@
 # one ncu run per case, each printing the time of every kernel a forward launches, at
 # threshold 6 and 0 (benchmarks/gpu_profile.py), then the fused decoding forward
 # (LLMINT8_CUDA_FUSED=all: one kernel per forward) at 1 and 16 tokens and the fused prefill
-# quantizer (memset, flags + list, exact quantize, then GEMM and epilogue) at 128 and 2048. Needs ncu (CUDA
-# toolkit) and a GPU.
+# quantizer (memset, flags + list, exact quantize, then GEMM and epilogue; on Hopper with the
+# sm90 GEMM built, that GEMM with the epilogue inside, one CUTLASS kernel) at 128 and 2048.
+# Needs ncu (CUDA toolkit) and a GPU.
 #   bash benchmarks/gpu_profile.sh ["4096x4096 128" ...]
 #   GPU_PROFILE_FUSED="4096x4096 1" bash benchmarks/gpu_profile.sh   # the fused cases ("" for none)
 set -uo pipefail

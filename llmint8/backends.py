@@ -38,7 +38,9 @@ def build_info():
     * where it loads: ``cuda_version`` and ``cuda_archs`` (the toolkit it was compiled with and
       the GPUs it carries code for), ``cuda_runtime_version`` (the libcudart it loaded) and
       ``cuda_driver_version`` (the CUDA version the installed driver supports; (0, 0) without a
-      driver), and ``cuda_usable``: whether a GPU can run it here (:func:`cuda_available`).
+      driver), ``sm90_gemm`` (whether the Hopper GEMM with the dequantization in its epilogue
+      was built: an sm_90a build with CUTLASS's headers), and ``cuda_usable``: whether a GPU
+      can run it here (:func:`cuda_available`).
       When it cannot, ``cuda_unusable_reason`` gives the error of the first CUDA call (such as
       "CUDA driver version is insufficient for CUDA runtime version": a driver older than the
       runtime) or "no CUDA device found".

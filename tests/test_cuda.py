@@ -133,6 +133,9 @@ def test_build_info_reports_cuda_when_nvcc_is_present():
     if not os.environ.get("LLMINT8_CUDA_ARCHS"):  # the default list
         assert info["cuda_archs"].split() == ["sm_80", "sm_86", "sm_89", "sm_90", "compute_90"]
     assert isinstance(info["cuda_version"], tuple)
+    assert info["sm90_gemm"] in (True, False)
+    if info["sm90_gemm"]:  # built only for an sm_90a target
+        assert "sm_90a" in info["cuda_archs"].split()
 
 
 @no_gpu
@@ -984,16 +987,22 @@ def fused_decode():
         _cuda._set_fused(old)
 
 
-@gpu
+@built
 def test_set_fused_takes_the_modes_it_names():
-    old = _cuda._set_fused("none")
+    old = _cuda._set_fused("none")  # no CUDA call: the modes live in the module's context
     try:
         assert _cuda._set_fused("decode") == "none"
         assert _cuda._set_fused("prefill") == "decode"
-        assert _cuda._set_fused("all") == "prefill"
+        assert _cuda._set_fused("gemm") == "prefill"
+        assert _cuda._set_fused("gemm+decode") == "gemm"  # names in any order, read back in one
+        assert _cuda._set_fused("prefill+gemm") == "decode+gemm"
+        assert _cuda._set_fused("decode+prefill+gemm") == "prefill+gemm"
+        assert _cuda._set_fused("all") == "all"
         assert _cuda._set_fused("none") == "all"
-        with pytest.raises(ValueError, match="mode must be 'decode', 'prefill', 'all' or 'none'"):
-            _cuda._set_fused("fast")
+        for bad in ("fast", "decode+", "+gemm", "decode++gemm", "gemm+fast", ""):
+            with pytest.raises(ValueError, match="mode must be 'decode', 'prefill', 'gemm' .*got"):
+                _cuda._set_fused(bad)
+        assert _cuda._set_fused("none") == "none"  # a refused mode changes nothing
     finally:
         _cuda._set_fused(old)
 
@@ -1216,6 +1225,162 @@ def test_fused_paths_captured_in_a_cuda_graph(fused_all, m):
             np.testing.assert_array_equal(out["y"].numpy(), cpu.forward(x2, out_dtype=np.float16))
         del graph, out, xd
         lcuda.synchronize()
+    finally:
+        lcuda.set_stream(0)
+        _cuda._stream_destroy(s)
+
+
+# ====================================================================== the sm90 GEMM (Hopper)
+
+def _compute_capability():
+    """(major, minor) of device 0, through the CUDA runtime this process loaded."""
+    rt = cudart()
+    if rt is None:
+        return (0, 0)
+    major, minor = ctypes.c_int(0), ctypes.c_int(0)
+    if rt.cudaDeviceGetAttribute(ctypes.byref(major), 75, 0) or rt.cudaDeviceGetAttribute(ctypes.byref(minor), 76, 0):
+        return (0, 0)  # 75, 76: cudaDevAttrComputeCapabilityMajor / Minor
+    return (major.value, minor.value)
+
+
+@pytest.fixture
+def sm90_gemm():
+    """The sm90 GEMM selected (with the fused prefill quantizer before it, as 'all' runs it);
+    skips where it cannot run: a build without it, or a GPU other than compute capability 9.0."""
+    if not llmint8.build_info().get("sm90_gemm"):
+        pytest.skip("this build has no sm90 GEMM (LLMINT8_CUDA_ARCHS with 90a, and CUTLASS's headers)")
+    cc = _compute_capability()
+    if cc != (9, 0):
+        pytest.skip(f"the sm90 GEMM runs on compute capability 9.0 only, this GPU is {cc}")
+    old = _cuda._set_fused("prefill+gemm")
+    try:
+        yield
+    finally:
+        _cuda._set_fused(old)
+
+
+def _forward_sm90(dev, x, ydt, expect_sm90=True):
+    """dev.forward on device x, checking that the sm90 GEMM ran (or did not)."""
+    before = _cuda._sm90_calls()
+    y = dev.forward(lcuda.to_device(x), out_dtype=ydt)
+    assert _cuda._sm90_calls() == before + (1 if expect_sm90 else 0)
+    return y
+
+
+@gpu
+@pytest.mark.parametrize("m", [17, 64, 130, 257, 300, 1000])
+@pytest.mark.parametrize("frac", [0.0, 0.01, 0.05])
+@pytest.mark.parametrize("xdt", [np.float16, np.float32])
+def test_sm90_gemm_matches_cpu(sm90_gemm, m, frac, xdt):
+    k, n = 100, 200  # kp = 112 (the TMA loads see the zero padding); 200 outputs: a partial N tile
+    cpu, dev = make_layers(n, k, 6.0, known=(3, 17, 40), seed=m)
+    x = activations(m, k, n_outlier_cols=int(round(frac * k)), seed=m + 1, dtype=xdt)
+    for ydt in (np.float16, np.float32):
+        assert_same(_forward_sm90(dev, x, ydt), cpu.forward(x, out_dtype=ydt))
+
+
+@gpu
+@pytest.mark.parametrize("k", [16, 64, 257, 4096])
+@pytest.mark.parametrize("threshold,known,bias", [(0.0, (), True), (0.0, (1, 4), False), (6.0, (), True),
+                                                  (6.0, (0, 2), False)])
+def test_sm90_gemm_shapes_match_cpu(sm90_gemm, k, threshold, known, bias):
+    m, n = 300, 136  # 300 rows: the large tile config and a partial M tile
+    cpu, dev = make_layers(n, k, threshold, known=known, bias=bias, seed=k)
+    x = activations(m, k, n_outlier_cols=min(3, k), seed=k + 1, dtype=np.float16)
+    x[5] = 0.0  # a zero row (scale 0) and a negative-zero output without a bias
+    assert_same(_forward_sm90(dev, x, np.float32), cpu.forward(x, out_dtype=np.float32))
+    assert_same(_forward_sm90(dev, x, np.float16), cpu.forward(x, out_dtype=np.float16))
+
+
+@gpu
+def test_sm90_gemm_realistic_shape(sm90_gemm):
+    k, n, m = 4096, 4096, 1024
+    cpu, dev = make_layers(n, k, 6.0, seed=3)
+    x = activations(m, k, n_outlier_cols=4, seed=4, dtype=np.float16)
+    assert_same(_forward_sm90(dev, x, np.float16), cpu.forward(x, out_dtype=np.float16))
+
+
+@gpu
+def test_sm90_gemm_many_dynamic_columns(sm90_gemm):
+    # more dynamic columns than the compact copies hold: the epilogue reads x and the int8
+    # weight (with the host's wscale / 127) for the rest
+    k, n = 600, 40
+    cpu, dev = make_layers(n, k, 6.0, known=(5,))
+    for m, xdt in ((40, np.float16), (700, np.float32)):
+        x = activations(m, k, n_outlier_cols=300, seed=m, dtype=xdt)
+        assert_same(_forward_sm90(dev, x, np.float32), cpu.forward(x, out_dtype=np.float32))
+
+
+@gpu
+def test_sm90_gemm_takes_only_what_it_can_store(sm90_gemm):
+    # fp16 y with 77 columns: rows not 16-byte aligned for the TMA store -> the cuBLASLt path
+    cpu, dev = make_layers(77, 64, 6.0)
+    x = activations(40, 64, n_outlier_cols=2)
+    assert_same(_forward_sm90(dev, x, np.float16, expect_sm90=False), cpu.forward(x, out_dtype=np.float16))
+    # ... and more known outlier columns than its epilogue takes (65)
+    cpu, dev = make_layers(64, 160, 6.0, known=tuple(range(0, 130, 2)))
+    x2 = activations(40, 160, n_outlier_cols=2)
+    assert_same(_forward_sm90(dev, x2, np.float32, expect_sm90=False), cpu.forward(x2, out_dtype=np.float32))
+    # decoding sizes keep their own kernels
+    cpu, dev = make_layers(64, 64, 6.0)
+    assert_same(_forward_sm90(dev, x[:8], np.float32, expect_sm90=False), cpu.forward(x[:8], out_dtype=np.float32))
+
+
+@gpu
+def test_sm90_gemm_overflowing_weight_raises_like_cpu(sm90_gemm):
+    _, cpu = _overflowing_layer("cpu")
+    _, dev = _overflowing_layer("cuda")
+    x = np.random.default_rng(7).standard_normal((40, 40)).astype(np.float16)
+    x[:, 4] = 20.0
+    with pytest.raises(ValueError) as e_cpu:
+        cpu.forward(x)
+    with pytest.raises(ValueError) as e_dev:
+        dev.forward(lcuda.to_device(x))
+    assert str(e_dev.value) == str(e_cpu.value)
+
+
+@gpu
+@pytest.mark.parametrize("m", [40, 300])
+def test_sm90_gemm_captured_in_a_cuda_graph(sm90_gemm, m):
+    k, n = 256, 192
+    cpu, dev = make_layers(n, k, 6.0, known=(7, 100))
+    s = _cuda._stream_create()
+    try:
+        lcuda.set_stream(s)
+        xd = lcuda.to_device(activations(m, k, n_outlier_cols=3, seed=1, dtype=np.float16))
+        dev.forward(xd, out_dtype=np.float16)
+        lcuda.synchronize()
+        out = {}
+        before = _cuda._sm90_calls()
+        graph = _cuda._graph_capture(lambda: out.__setitem__("y", dev.forward(xd, out_dtype=np.float16)))
+        assert _cuda._sm90_calls() == before + 1
+        for seed in (2, 3):
+            x2 = activations(m, k, n_outlier_cols=5, seed=seed, dtype=np.float16)
+            _cuda._copy_into(xd, x2)
+            graph.replay()
+            lcuda.synchronize()
+            np.testing.assert_array_equal(out["y"].numpy(), cpu.forward(x2, out_dtype=np.float16))
+        del graph, out, xd
+        lcuda.synchronize()
+    finally:
+        lcuda.set_stream(0)
+        _cuda._stream_destroy(s)
+
+
+@gpu
+def test_sm90_gemm_on_a_created_stream(sm90_gemm):
+    # on a created stream the GEMM is queued with Programmatic Dependent Launch after the
+    # quantizer: it must still see the quantizer's results
+    k, n, m = 512, 256, 200
+    cpu, dev = make_layers(n, k, 6.0, known=(9,))
+    s = _cuda._stream_create()
+    try:
+        lcuda.set_stream(s)
+        for seed in range(3):
+            x = activations(m, k, n_outlier_cols=4, seed=seed, dtype=np.float16)
+            y = _forward_sm90(dev, x, np.float16)
+            lcuda.synchronize()
+            assert_same(y, cpu.forward(x, out_dtype=np.float16))
     finally:
         lcuda.set_stream(0)
         _cuda._stream_destroy(s)

@@ -119,20 +119,29 @@ int l8_cuda_fp16_linear(l8_cuda_ctx *ctx, int device, const void *x, const void 
 
 /* The fused forward paths, a bit set: L8_FUSED_DECODE, the one-launch forward for
  * m <= L8_CUDA_FUSED_MAX_M (fused_cuda.h); L8_FUSED_PREFILL, the two-launch quantizer of
- * longer inputs (quantize_cuda.h) before the cuBLASLt GEMM. Opt-in until checked on a GPU
- * (benchmarks/gpu_check.sh runs the tests with them forced): a context starts with
- * L8_CUDA_FUSED_DEFAULT, or with what the environment variable LLMINT8_CUDA_FUSED says
- * ("decode", "prefill", "all", "none"); to make them the default once checked, set
- * L8_CUDA_FUSED_DEFAULT to L8_FUSED_ALL (the one-line switch). */
+ * longer inputs (quantize_cuda.h); L8_FUSED_GEMM, the sm90 GEMM with the dequantization in
+ * its epilogue in place of cuBLASLt + l8_dequant_cuda (gemm_cuda.h; Hopper, when built).
+ * Opt-in until checked on a GPU (benchmarks/gpu_check.sh runs the tests with them forced):
+ * a context starts with L8_CUDA_FUSED_DEFAULT, or with what the environment variable
+ * LLMINT8_CUDA_FUSED says ("decode", "prefill", "gemm", joined with '+', or "all",
+ * "none"); to make them the default once checked, set L8_CUDA_FUSED_DEFAULT to
+ * L8_FUSED_ALL (the one-line switch). */
 #define L8_FUSED_DECODE 1
 #define L8_FUSED_PREFILL 2
-#define L8_FUSED_ALL (L8_FUSED_DECODE | L8_FUSED_PREFILL)
+#define L8_FUSED_GEMM 4
+#define L8_FUSED_ALL (L8_FUSED_DECODE | L8_FUSED_PREFILL | L8_FUSED_GEMM)
 #define L8_CUDA_FUSED_DEFAULT 0
 #define L8_CUDA_FUSED_MAX_M 16
 int l8_cuda_ctx_fused(const l8_cuda_ctx *ctx);
 void l8_cuda_ctx_set_fused(l8_cuda_ctx *ctx, int fused);
-/* "decode" / "prefill" / "all" / "none" (or "0") -> the bit set; -1 for anything else. */
+/* "decode" / "prefill" / "gemm", several joined with '+' (e.g. "prefill+gemm"), "all",
+ * or "none" (or "0") -> the bit set; -1 for anything else. */
 int l8_cuda_fused_parse(const char *s);
+/* The name of a bit set, as l8_cuda_fused_parse reads it ("none", "all", "decode+gemm"). */
+const char *l8_cuda_fused_name(int fused);
+/* Forwards that ran the sm90 GEMM, counted per context (the tests check the path). */
+void l8_cuda_ctx_note_sm90(l8_cuda_ctx *ctx);
+long long l8_cuda_ctx_sm90_calls(const l8_cuda_ctx *ctx);
 
 #ifdef __cplusplus
 }

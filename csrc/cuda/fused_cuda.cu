@@ -42,6 +42,7 @@
 #include <stdint.h>
 
 #include <algorithm>
+#include <mutex>
 
 #include "fused_cuda.h"
 #include "gemm_cuda.h"
@@ -326,16 +327,49 @@ fused_decode_kernel(const T *__restrict__ x, const fd_args a) {
     }
 }
 
+/* Blocks of kern per multiprocessor with smem bytes of dynamic shared memory, its limit
+ * raised as needed. Asked once per kernel, device and size, then remembered: decoding calls
+ * this on every token, and the attribute and occupancy queries are host time on each. */
+template <typename K>
+cudaError_t blocks_per_sm(K kern, size_t smem, int *per_sm) {
+    struct entry {
+        int device = -1;
+        size_t smem = 0;
+        int per_sm = 0;
+    };
+    constexpr int MAX_DEV = 64;
+    static std::mutex mu;
+    static entry memo[8];            /* a model's few layer widths; replaced round-robin */
+    static unsigned next = 0;
+    static size_t raised[MAX_DEV];   /* the limit set per device: only ever raised, so a
+                                        launch another thread sized never loses its limit */
+    int device = 0;
+    cudaError_t e = cudaGetDevice(&device);
+    if (e != cudaSuccess) return e;
+    if (device < 0 || device >= MAX_DEV) return cudaErrorInvalidDevice;
+    std::lock_guard<std::mutex> lock(mu);
+    for (const entry &en : memo)
+        if (en.device == device && en.smem == smem) {
+            *per_sm = en.per_sm;
+            return cudaSuccess;
+        }
+    if (smem > 48u << 10 && smem > raised[device]) {
+        if ((e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem)) != cudaSuccess)
+            return e;
+        raised[device] = smem;
+    }
+    if ((e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(per_sm, kern, FD_THREADS, smem)) != cudaSuccess) return e;
+    memo[next++ % 8] = {device, smem, *per_sm};
+    return cudaSuccess;
+}
+
 template <typename T, int VEC, int MT>
 cudaError_t launch(const void *x, const fd_args &a, size_t smem, int sms, cudaStream_t s) {
     constexpr int R = rows_per_warp<MT>::value, TILE = FD_WARPS * R;
     auto kern = fused_decode_kernel<T, VEC, MT>;
-    cudaError_t e;
-    if (smem > 48u << 10 &&
-        (e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem)) != cudaSuccess)
-        return e;
     int per_sm = 0;
-    if ((e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kern, FD_THREADS, smem)) != cudaSuccess) return e;
+    const cudaError_t e = blocks_per_sm(kern, smem, &per_sm);
+    if (e != cudaSuccess) return e;
     const int64_t ntiles = (a.np + TILE - 1) / TILE;
     const int64_t grid = std::max<int64_t>(1, std::min<int64_t>(ntiles, (int64_t)sms * std::max(per_sm, 1)));
     kern<<<(unsigned)grid, FD_THREADS, smem, s>>>(static_cast<const T *>(x), a);

@@ -36,6 +36,7 @@
 #include <string.h>
 
 #include <algorithm>
+#include <atomic>
 #include <map>
 #include <mutex>
 #include <new>
@@ -43,6 +44,7 @@
 #include <vector>
 
 #include "gemm_cuda.h"
+#include "epilogue_cuda.cuh"
 
 /* ================================================================== status checks */
 
@@ -128,6 +130,7 @@ struct l8_cuda_ctx {
     std::map<plan_key, lt_plan> plans;
     cudaStream_t stream = nullptr; /* current stream; 0 is the legacy default stream */
     int fused = L8_CUDA_FUSED_DEFAULT; /* the fused paths in use (cuda_common.h) */
+    std::atomic<long long> sm90_calls{0}; /* forwards through the sm90 GEMM (tests: the path was taken) */
 };
 
 extern "C" int l8_cuda_device_count(const char **why) {
@@ -150,15 +153,34 @@ extern "C" l8_cuda_ctx *l8_cuda_ctx_new(void) {
     return ctx;
 }
 
+static const char *const FUSED_NAMES[] = {"decode", "prefill", "gemm"}; /* bit 0, 1, 2 */
+
 extern "C" int l8_cuda_fused_parse(const char *s) {
     if (!strcmp(s, "none") || !strcmp(s, "0")) return 0;
-    if (!strcmp(s, "decode")) return L8_FUSED_DECODE;
-    if (!strcmp(s, "prefill")) return L8_FUSED_PREFILL;
     if (!strcmp(s, "all") || !strcmp(s, "1")) return L8_FUSED_ALL;
-    return -1;
+    int f = 0;
+    for (const char *p = s;;) {
+        const char *end = strchr(p, '+');
+        const size_t len = end ? (size_t)(end - p) : strlen(p);
+        int bit = -1;
+        for (int b = 0; b < 3; b++)
+            if (strlen(FUSED_NAMES[b]) == len && !strncmp(p, FUSED_NAMES[b], len)) bit = b;
+        if (bit < 0) return -1;
+        f |= 1 << bit;
+        if (!end) return f;
+        p = end + 1;
+    }
+}
+
+extern "C" const char *l8_cuda_fused_name(int fused) {
+    static const char *const names[8] = {"none", "decode", "prefill", "decode+prefill",
+                                         "gemm", "decode+gemm", "prefill+gemm", "all"};
+    return names[fused & L8_FUSED_ALL];
 }
 
 extern "C" int l8_cuda_ctx_fused(const l8_cuda_ctx *ctx) { return ctx->fused; }
+extern "C" void l8_cuda_ctx_note_sm90(l8_cuda_ctx *ctx) { ctx->sm90_calls++; }
+extern "C" long long l8_cuda_ctx_sm90_calls(const l8_cuda_ctx *ctx) { return ctx->sm90_calls.load(); }
 extern "C" void l8_cuda_ctx_set_fused(l8_cuda_ctx *ctx, int fused) { ctx->fused = fused; }
 
 extern "C" void l8_cuda_ctx_free(l8_cuda_ctx *ctx) {
@@ -553,44 +575,9 @@ fail:
     return -1;
 }
 
-/* ================================================================== epilogue helpers */
+/* ================================================================== epilogue */
 
 namespace {
-
-__device__ __forceinline__ float round_h(float v) { return __half2float(__float2half_rn(v)); }
-
-/* The outlier product keeps x's precision (linear_cpu.c): for float16 x the activations
- * are fp16 and the dequantized weights of dynamic columns are rounded to fp16; for float32
- * x both stay fp32 (an fp16 copy would turn a finite |x| > 65504 into inf). Known columns
- * use their stored fp16 weights either way. */
-
-/* Outlier activation of row i, entry o: x's value. */
-__device__ __forceinline__ float outlier_x(const l8_outlier_ops &O, int64_t i, int o) {
-    if (o < O.ldo) return O.xo[i * O.ldo + o];
-    const int64_t col = O.ocol[o];
-    return O.x_f16 ? __half2float(static_cast<const __half *>(O.x)[i * O.ldx + col])
-                   : static_cast<const float *>(O.x)[i * O.ldx + col];
-}
-
-/* Outlier weight of output j, entry o. */
-__device__ __forceinline__ float outlier_w(const l8_outlier_ops &O, int o, int64_t j, int64_t n) {
-    const int src = O.osrc[o];
-    if (src >= 0) return __half2float(O.wk[(int64_t)src * n + j]);
-    const int d = -src - 1;
-    if (d < O.dcap) return O.wd[(int64_t)d * n + j];
-    const int64_t col = O.ocol[o];
-    const float v = __fmul_rn((float)O.wq[j * O.ldw + col], __fdiv_rn(O.wscale[j], 127.0f));
-    return O.x_f16 ? round_h(v) : v;
-}
-
-/* linear_cpu.c's linear_epilogue, operation for operation. */
-__device__ __forceinline__ float finish(int32_t acc, float sx, float sw, float osum, const float *bias, int64_t j) {
-    const float sxi = __fmul_rn(sx, 1.0f / (127.0f * 127.0f));
-    float v = __fmul_rn((float)acc, __fmul_rn(sxi, sw));
-    v = __fadd_rn(v, osum);
-    if (bias) v = __fadd_rn(v, bias[j]);
-    return v;
-}
 
 /* ------------------------------------------------------------------ dequant */
 

@@ -36,6 +36,7 @@ typedef struct {
     const int8_t *wq;      /* (np, ldw) int8 weight for dynamic slots >= dcap */
     int64_t ldw;
     const float *wscale;
+    const float *wdiv;     /* (n,) wscale / 127, for the sm90 GEMM's epilogue (epilogue_cuda.cuh) */
 } l8_outlier_ops;
 
 /* y (m, n) = C * sx[i] * sw[j] / 127^2 + outlier terms + bias[j], written as fp16 or fp32;
@@ -59,5 +60,25 @@ cudaError_t l8_gemv_s8_cuda(const int8_t *A, const int8_t *W, int64_t m, int64_t
  * the padding rows' results are never read. */
 int l8_lt_int8_gemm(l8_cuda_ctx *ctx, int device, const int8_t *A, const int8_t *W, int32_t *C, int64_t m,
                     int64_t np, int64_t kp, cudaStream_t s, l8_status *st);
+
+/* Hopper (sm_90a) only, built when setup.py finds an sm_90a target and CUTLASS's headers
+ * (LLMINT8_SM90_GEMM defined): y (m, n) = the l8_dequant_cuda epilogue of A (m, kp) @
+ * W (n.., kp)^T, applied inside a CUTLASS int8 tensor-core GEMM, so the int32 product never
+ * reaches memory (gemm_sm90.cuh). One launch, no workspace; graph-capturable. y must be
+ * 16-byte aligned with n a multiple of 16 bytes' worth of elements (TMA stores);
+ * cudaErrorNotSupported when CUTLASS refuses the shape. sms: the device's multiprocessor
+ * count. The device must be compute capability 9.0. */
+#ifdef __cplusplus
+extern "C" {
+#endif
+cudaError_t l8_gemm_sm90_f16(const int8_t *A, const int8_t *W, int m, int n, int kp, const float *sx, const float *sw,
+                             const float *bias, const l8_outlier_ops *O, __half *y, int device, int sms,
+                             cudaStream_t s);
+cudaError_t l8_gemm_sm90_f32(const int8_t *A, const int8_t *W, int m, int n, int kp, const float *sx, const float *sw,
+                             const float *bias, const l8_outlier_ops *O, float *y, int device, int sms,
+                             cudaStream_t s);
+#ifdef __cplusplus
+}
+#endif
 
 #endif

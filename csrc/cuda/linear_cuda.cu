@@ -7,7 +7,9 @@
  *      list, exact scales, the compact fp16 outlier activations and (same launch) the
  *      dequantized weight columns of dynamic outliers;
  *   3. the cuBLASLt int8 GEMM and one l8_dequant_cuda pass over its int32 result, in row
- *      chunks whose int32 product stays under I32_CHUNK_BYTES (256 MiB).
+ *      chunks whose int32 product stays under I32_CHUNK_BYTES (256 MiB); or, on Hopper
+ *      with the sm90 GEMM built and selected (L8_FUSED_GEMM), one CUTLASS GEMM whose
+ *      epilogue writes y (gemm_sm90.cuh; sm90_fits says when).
  * For m <= L8_CUDA_GEMV_MAX_M (decoding) steps 1-2 run as one single-block launch
  * (l8_quantize_small_m_cuda) and 3 is the GEMV kernel with the epilogue fused: two
  * launches per forward.
@@ -89,6 +91,7 @@ struct cuda_impl {
     uint8_t *ovf;        /* device (k,) */
     int32_t *ovf_row;    /* host (k,): the first such row of each column, or -1 */
     double *ovf_val;     /* host (k,): its dequantized value (for the message) */
+    float *wdiv;         /* (n,) wscale / 127 for the sm90 GEMM's epilogue; NULL without it or a threshold */
 };
 
 void free_impl(cuda_impl *c) {
@@ -99,6 +102,7 @@ void free_impl(cuda_impl *c) {
     cudaFree(c->kflag);
     cudaFree(c->known_pos);
     cudaFree(c->ovf);
+    cudaFree(c->wdiv);
     free(c->ovf_row);
     free(c->ovf_val);
     (void)cudaGetLastError();
@@ -204,6 +208,20 @@ int cuda_create(l8_layer *L, const l8_weights *w, l8_status *st) {
         L8_CUDA_CHECK(st, cudaMemcpy(c->kflag, hf, (size_t)k, cudaMemcpyHostToDevice));
         L8_CUDA_CHECK(st, cudaMemcpy(c->known_pos, hp, (size_t)k * sizeof(int32_t), cudaMemcpyHostToDevice));
     }
+#ifdef LLMINT8_SM90_GEMM
+    if (L->threshold > 0.0f) { /* the quotient the other paths compute in device code (__fdiv_rn): IEEE on both */
+        float *hd = static_cast<float *>(l8_malloc_array((size_t)n, sizeof(float)));
+        if (!hd) {
+            l8_fail(st, L8_ERR_NOMEM, "could not allocate %lld weight scales", (long long)n);
+            goto fail;
+        }
+        for (int64_t j = 0; j < n; j++) hd[j] = w->wscale[j] / 127.0f;
+        const cudaError_t e1 = cudaMalloc(&c->wdiv, (size_t)n * sizeof(float));
+        const cudaError_t e2 = e1 == cudaSuccess ? cudaMemcpy(c->wdiv, hd, (size_t)n * sizeof(float), cudaMemcpyHostToDevice) : e1;
+        free(hd);
+        L8_CUDA_CHECK(st, e2);
+    }
+#endif
     if (c->ovf_row) {
         uint8_t *hv = static_cast<uint8_t *>(calloc((size_t)k, 1));
         if (!hv) {
@@ -221,7 +239,8 @@ int cuda_create(l8_layer *L, const l8_weights *w, l8_status *st) {
     L8_CUDA_CHECK(st, cudaDeviceSynchronize());
     L->impl = c;
     L->nbytes = (size_t)(np * kp) + (size_t)n * sizeof(float) * (L->has_bias ? 2 : 1) +
-                (size_t)(no * n) * sizeof(__half) + (no ? (size_t)k * 5 : 0) + (c->ovf ? (size_t)k : 0);
+                (size_t)(no * n) * sizeof(__half) + (no ? (size_t)k * 5 : 0) + (c->ovf ? (size_t)k : 0) +
+                (c->wdiv ? (size_t)n * sizeof(float) : 0);
     c = nullptr;
     rc = 0;
 fail:
@@ -334,6 +353,35 @@ bool fused_decode_fits(const l8_layer *L, const cuda_impl *c, int64_t m, int *sm
     return smem <= (size_t)optin && smem <= L8_FUSED_DECODE_SMEM_MAX;
 }
 
+/* Known outlier columns beyond which a layer keeps the cuBLASLt path: the sm90 GEMM's
+ * epilogue sums the outlier terms of every output element itself (m x n x c terms read
+ * through L1), which costs more than the int32 round trip it saves once c is large.
+ * Dynamic columns are found on the device, so a call with many of them stays exact
+ * there, only slower. */
+constexpr int64_t SM90_MAX_KNOWN = 64;
+
+/* Whether the sm90 GEMM takes this call (m > L8_CUDA_GEMV_MAX_M): built, selected in the
+ * context, a compute capability 9.0 device, TMA-storable y (16-byte aligned rows) and
+ * sizes in CUTLASS's int problem shape. */
+bool sm90_fits(const l8_layer *L, const cuda_impl *c, int64_t m, const void *y, l8_dtype yt, int *sms) {
+#ifdef LLMINT8_SM90_GEMM
+    if (!(l8_cuda_ctx_fused(c->ctx) & L8_FUSED_GEMM) || L->n_outliers > SM90_MAX_KNOWN) return false;
+    const int64_t ys = (int64_t)l8_dtype_size(yt), n = L->out_features;
+    if ((uintptr_t)y % 16 != 0 || (n * ys) % 16 != 0 || m > INT_MAX || c->kp > INT_MAX || n > INT_MAX) return false;
+    int major = 0, minor = 0;
+    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, L->device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, L->device) != cudaSuccess ||
+        cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, L->device) != cudaSuccess) {
+        (void)cudaGetLastError();
+        return false;
+    }
+    return major == 9 && minor == 0; /* the sm_90a cubin runs on 9.0 only */
+#else
+    (void)L, (void)c, (void)m, (void)y, (void)yt, (void)sms;
+    return false;
+#endif
+}
+
 /* The forward through the decoding kernel (one launch; with check_ovf, a 4-byte verdict
  * read back with one synchronization, as on the other paths). Device current. */
 int fused_decode_forward(const l8_layer *L, const cuda_impl *c, const void *x, l8_dtype xt, int64_t m, void *y,
@@ -393,6 +441,8 @@ extern "C" int l8_cuda_linear_forward(const l8_layer *L, const void *x, l8_dtype
         }
     }
 
+    int sm90_sms = 0;
+    const bool sm90 = !small && sm90_fits(L, c, m, y, yt, &sm90_sms);
     carver cv;
     /* xq has the padding rows of the last chunk too: chunks start at multiples of mc, a
      * multiple of 128 when there are several, so they end by gemm_rows(m) */
@@ -402,7 +452,7 @@ extern "C" int l8_cuda_linear_forward(const l8_layer *L, const void *x, l8_dtype
     const size_t o_oc = cv.take(any ? (size_t)k * 4 : 0), o_os = cv.take(any ? (size_t)k * 4 : 0),
                  o_dc = cv.take(any ? (size_t)k * 4 : 0);
     const size_t o_xo = cv.take((size_t)(m * ldo) * 4), o_wd = cv.take((size_t)dcap * (size_t)n * 4);
-    const int64_t mc = small ? 0 : chunk_rows(m, np);
+    const int64_t mc = small || sm90 ? 0 : chunk_rows(m, np); /* the sm90 GEMM needs no int32 product */
     const size_t o_c = cv.take((size_t)(gemm_rows(mc) * np) * 4);
     if (l8_cuda_alloc((void **)&buf, cv.off, s, st) < 0) goto fail;
     {
@@ -432,6 +482,7 @@ extern "C" int l8_cuda_linear_forward(const l8_layer *L, const void *x, l8_dtype
             ops.wq = c->wq;
             ops.ldw = kp;
             ops.wscale = c->wscale;
+            ops.wdiv = c->wdiv;
         }
         if (small) {
             L8_CUDA_CHECK(st, l8_quantize_small_m_cuda(x, xt, m, k, kp, L->threshold, c->kflag, c->known_pos, &ol, xq,
@@ -461,7 +512,19 @@ extern "C" int l8_cuda_linear_forward(const l8_layer *L, const void *x, l8_dtype
             }
             int32_t *C = (int32_t *)(buf + o_c);
             const size_t ys = l8_dtype_size(yt);
-            for (int64_t r0 = 0; r0 < m; r0 += mc) {
+#ifdef LLMINT8_SM90_GEMM
+            if (sm90) {
+                const l8_outlier_ops *op = any ? &ops : nullptr;
+                L8_CUDA_CHECK(st, yt == L8_F16 ? l8_gemm_sm90_f16(xq, c->wq, (int)m, (int)n, (int)kp, sx, c->wscale,
+                                                                  c->bias, op, static_cast<__half *>(y), L->device,
+                                                                  sm90_sms, s)
+                                               : l8_gemm_sm90_f32(xq, c->wq, (int)m, (int)n, (int)kp, sx, c->wscale,
+                                                                  c->bias, op, static_cast<float *>(y), L->device,
+                                                                  sm90_sms, s));
+                l8_cuda_ctx_note_sm90(c->ctx);
+            }
+#endif
+            for (int64_t r0 = 0; r0 < m && !sm90; r0 += mc) {
                 const int64_t rows = std::min(mc, m - r0);
                 l8_outlier_ops oc = ops; /* the same terms, seen from row r0 */
                 if (any) {

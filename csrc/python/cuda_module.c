@@ -153,8 +153,9 @@ static PyObject *py_set_stream(PyObject *mod, PyObject *arg) {
 PyDoc_STRVAR(set_fused_doc,
 "_set_fused(mode) -> str\n\n"
 "Select the fused forward paths for every CUDA layer: 'decode' (the one-launch forward\n"
-"for m <= 16 rows), 'prefill' (the two-launch quantizer of longer inputs), 'all' (both)\n"
-"or 'none'. Returns the previous mode.\n"
+"for m <= 16 rows), 'prefill' (the two-launch quantizer of longer inputs), 'gemm' (on\n"
+"Hopper, when built: the sm90 GEMM with the dequantization in its epilogue), several\n"
+"joined with '+' (e.g. 'prefill+gemm'), 'all' or 'none'. Returns the previous mode.\n"
 "The environment variable LLMINT8_CUDA_FUSED sets the starting mode (tests, gpu_check).");
 
 static PyObject *py_set_fused(PyObject *mod, PyObject *arg) {
@@ -162,15 +163,25 @@ static PyObject *py_set_fused(PyObject *mod, PyObject *arg) {
     if (!mode) return NULL;
     const int f = l8_cuda_fused_parse(mode);
     if (f < 0)
-        return PyErr_Format(PyExc_ValueError, "mode must be 'decode', 'prefill', 'all' or 'none', got %R", arg);
+        return PyErr_Format(PyExc_ValueError,
+                            "mode must be 'decode', 'prefill', 'gemm' (several joined with '+'), 'all' or 'none', "
+                            "got %R", arg);
     l8_cuda_ctx *ctx = get_ctx(PyModule_GetState(mod));
     if (!ctx) return NULL;
     const int old = l8_cuda_ctx_fused(ctx);
     l8_cuda_ctx_set_fused(ctx, f);
-    return PyUnicode_FromString(old == 0                  ? "none"
-                                : old == L8_FUSED_DECODE   ? "decode"
-                                : old == L8_FUSED_PREFILL  ? "prefill"
-                                                           : "all");
+    return PyUnicode_FromString(l8_cuda_fused_name(old));
+}
+
+PyDoc_STRVAR(sm90_calls_doc,
+"_sm90_calls() -> int: forwards that ran the Hopper GEMM with the dequantization in its\n"
+"epilogue in this process (tests check that the path was taken).");
+
+static PyObject *py_sm90_calls(PyObject *mod, PyObject *unused) {
+    (void)unused;
+    l8_cuda_ctx *ctx = get_ctx(PyModule_GetState(mod));
+    if (!ctx) return NULL;
+    return PyLong_FromLongLong(l8_cuda_ctx_sm90_calls(ctx));
 }
 
 static PyObject *py_get_stream(PyObject *mod, PyObject *unused) {
@@ -380,8 +391,10 @@ static PyObject *py_is_device_array(PyObject *mod, PyObject *x) {
 PyDoc_STRVAR(build_info_doc,
 "build_info() -> dict: the CUDA toolkit this module was compiled with (cuda_version), the\n"
 "GPU architectures it carries code for (cuda_archs), the CUDA runtime it loaded\n"
-"(cuda_runtime_version) and the driver's CUDA version (cuda_driver_version, (0, 0) when no\n"
-"driver is installed): a driver older than the runtime cannot run it.");
+"(cuda_runtime_version), the driver's CUDA version (cuda_driver_version, (0, 0) when no\n"
+"driver is installed: a driver older than the runtime cannot run it), and whether the Hopper\n"
+"GEMM with the dequantization in its epilogue was built (sm90_gemm: an sm_90a build with\n"
+"CUTLASS's headers).");
 
 static PyObject *py_build_info(PyObject *mod, PyObject *unused) {
     (void)mod; (void)unused;
@@ -391,9 +404,15 @@ static PyObject *py_build_info(PyObject *mod, PyObject *unused) {
     if (cudaDriverGetVersion(&drv) != cudaSuccess) drv = 0; /* 0: no driver (libcuda) found */
     (void)cudaGetLastError();
     Py_END_ALLOW_THREADS
-    return Py_BuildValue("{s:(ii),s:s,s:(ii),s:(ii)}", "cuda_version", CUDART_VERSION / 1000,
+#ifdef LLMINT8_SM90_GEMM
+    const int sm90 = 1;
+#else
+    const int sm90 = 0;
+#endif
+    return Py_BuildValue("{s:(ii),s:s,s:(ii),s:(ii),s:N}", "cuda_version", CUDART_VERSION / 1000,
                          CUDART_VERSION % 1000 / 10, "cuda_archs", LLMINT8_CUDA_ARCHS, "cuda_runtime_version",
-                         rt / 1000, rt % 1000 / 10, "cuda_driver_version", drv / 1000, drv % 1000 / 10);
+                         rt / 1000, rt % 1000 / 10, "cuda_driver_version", drv / 1000, drv % 1000 / 10, "sm90_gemm",
+                         PyBool_FromLong(sm90));
 }
 
 /* ---------------------------------------------------------------- CUDA graphs (tests) */
@@ -616,6 +635,7 @@ static PyMethodDef module_methods[] = {
     {"_stream_destroy", py_stream_destroy, METH_O, "_stream_destroy(handle): destroy a stream made by _stream_create."},
     {"_copy_into", (PyCFunction)(void (*)(void))py_copy_into, METH_VARARGS, copy_into_doc},
     {"_set_fused", py_set_fused, METH_O, set_fused_doc},
+    {"_sm90_calls", py_sm90_calls, METH_NOARGS, sm90_calls_doc},
     {NULL, NULL, 0, NULL},
 };
 
