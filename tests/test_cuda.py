@@ -1268,7 +1268,7 @@ def _forward_sm90(dev, x, ydt, expect_sm90=True):
 
 
 @gpu
-@pytest.mark.parametrize("m", [17, 64, 130, 257, 300, 1000])
+@pytest.mark.parametrize("m", [17, 64, 128, 129, 300, 512, 513, 1000])  # tile configs change at 128 and 512
 @pytest.mark.parametrize("frac", [0.0, 0.01, 0.05])
 @pytest.mark.parametrize("xdt", [np.float16, np.float32])
 def test_sm90_gemm_matches_cpu(sm90_gemm, m, frac, xdt):

@@ -54,10 +54,24 @@ template <> __device__ __forceinline__ cutlass::half_t to_out<cutlass::half_t>(f
 
 /* The root of the visitor tree. Its inputs are the accumulator fragment and the three
  * broadcast fragments (sx, sw, bias); it needs the coordinates only for the outlier terms,
- * from an identity tensor partitioned exactly as the broadcast nodes partition theirs. */
-template <class ElementD>
+ * from an identity tensor partitioned exactly as the broadcast nodes partition theirs.
+ *
+ * The outlier terms: per tile, begin() stages the first STAGED entries' activations of the
+ * tile's rows and weights of its columns in shared memory (all epilogue threads, then the
+ * barrier the collective runs when begin_sync_needed()), so each term in visit() is two
+ * shared-memory reads instead of the gathers through global memory that outlier_x /
+ * outlier_w do (several loads per term). Entries past STAGED, rare, are gathered.
+ * Staging per tile is safe: every thread has passed the TMA store's barrier after its last
+ * visit of the previous tile, and the ping-pong schedule runs one warp group's epilogue at a
+ * time (as Sm90RowBroadcast's staging relies on too). */
+template <class ElementD, class CtaTile>
 struct L8Finish {
-    struct SharedStorage {};
+    static constexpr int TM = size<0>(CtaTile{}), TN = size<1>(CtaTile{});
+    static constexpr int STAGED = 16;
+    struct SharedStorage {
+        float xs[TM][STAGED + 1];  /* +1: the lanes of a warp read different rows */
+        float ws[STAGED][TN];
+    };
     struct Arguments {
         l8_outlier_ops O;  /* O.counts == NULL: no outlier terms */
         int has_bias;      /* without a bias the CPU adds nothing (-0 stays -0) */
@@ -79,8 +93,10 @@ struct L8Finish {
     }
 
     CUTLASS_HOST_DEVICE L8Finish() {}
-    CUTLASS_HOST_DEVICE L8Finish(Params const &p, SharedStorage const &) : params(p) {}
+    CUTLASS_HOST_DEVICE L8Finish(Params const &p, SharedStorage const &ss)
+        : params(p), smem(const_cast<SharedStorage *>(&ss)) {}
     Params params;
+    SharedStorage *smem = nullptr;
 
     CUTLASS_DEVICE bool is_producer_load_needed() const { return false; }
     CUTLASS_DEVICE bool is_C_load_needed() const { return false; }
@@ -94,14 +110,32 @@ struct L8Finish {
     struct ConsumerStoreCallbacks : fusion::detail::EmptyConsumerStoreCallbacks {
         CTensor tCc;  /* (CPY,CPY_M,CPY_N,EPI_M,EPI_N) absolute (row, column, batch) */
         Params const &params;
-        int64_t M, N;
-        int total = 0;
+        SharedStorage *smem;
+        int64_t M, N, row0, col0;  /* the problem, and the tile's first row and column */
+        int thread_idx, nthreads;
+        int total = 0, staged = 0;
 
-        CUTLASS_DEVICE ConsumerStoreCallbacks(CTensor tCc_, Params const &p, int64_t M_, int64_t N_)
-            : tCc(tCc_), params(p), M(M_), N(N_) {}
+        CUTLASS_DEVICE ConsumerStoreCallbacks(CTensor tCc_, Params const &p, SharedStorage *smem_, int64_t M_,
+                                              int64_t N_, int64_t row0_, int64_t col0_, int thread_idx_,
+                                              int nthreads_)
+            : tCc(tCc_), params(p), smem(smem_), M(M_), N(N_), row0(row0_), col0(col0_), thread_idx(thread_idx_),
+              nthreads(nthreads_) {}
 
-        /* the outlier count this call found, written by the quantizer before this kernel */
-        CUTLASS_DEVICE void begin() { total = params.O.counts ? params.O.counts[0] : 0; }
+        /* the outlier count this call found (written by the quantizer before this kernel),
+         * and the first entries' operands of this tile staged */
+        CUTLASS_DEVICE void begin() {
+            total = params.O.counts ? params.O.counts[0] : 0;
+            staged = total < STAGED ? total : STAGED;
+            for (int e = thread_idx; e < TM * staged; e += nthreads) {
+                const int r = e / staged, o = e % staged;
+                smem->xs[r][o] = row0 + r < M ? outlier_x(params.O, row0 + r, o) : 0.0f;
+            }
+            for (int e = thread_idx; e < staged * TN; e += nthreads) {
+                const int o = e / TN, c = e % TN;
+                smem->ws[o][c] = col0 + c < N ? outlier_w<true>(params.O, o, col0 + c, N) : 0.0f;
+            }
+        }
+        CUTLASS_DEVICE bool begin_sync_needed() const { return true; }
 
         template <typename ElementAcc, typename ElementIn, int FragmentSize>
         CUTLASS_DEVICE Array<ElementD, FragmentSize>
@@ -112,11 +146,18 @@ struct L8Finish {
             Tensor c_mn = tCc(_, _, _, epi_m, epi_n);
             CUTLASS_PRAGMA_UNROLL
             for (int e = 0; e < FragmentSize; ++e) {
+                /* the outlier terms, from 0 in ascending entry order (outlier_sum's order) */
                 float osum = 0.0f;
                 if (total > 0) {
                     auto crd = c_mn(epi_v * FragmentSize + e);
                     const int64_t i = get<0>(crd), j = get<1>(crd);
-                    if (i < M && j < N) osum = outlier_sum<true>(params.O, total, i, j, N);
+                    if (i < M && j < N) {
+                        const int r = (int)(i - row0), c = (int)(j - col0);
+                        for (int o = 0; o < staged; o++)
+                            osum = __fadd_rn(osum, __fmul_rn(smem->xs[r][o], smem->ws[o][c]));
+                        for (int o = staged; o < total; o++)
+                            osum = __fadd_rn(osum, __fmul_rn(outlier_x(params.O, i, o), outlier_w<true>(params.O, o, j, N)));
+                    }
                 }
                 const float sxi = __fmul_rn(static_cast<float>(fsx[e]), 1.0f / (127.0f * 127.0f));
                 float v = __fmul_rn(static_cast<float>(static_cast<int32_t>(acc[e])),
@@ -132,10 +173,12 @@ struct L8Finish {
     template <bool ReferenceSrc, class... Args>
     CUTLASS_DEVICE auto get_consumer_store_callbacks(fusion::detail::ConsumerStoreArgs<Args...> const &args) {
         auto [M, N, K, L] = args.problem_shape_mnkl;
+        auto [m, n, k, l] = args.tile_coord_mnkl;
         Tensor mC = make_identity_tensor(make_shape(M, N, L));
         Tensor tCc = fusion::detail::sm90_partition_for_epilogue<ReferenceSrc>(
             mC, args.tile_shape_mnk, args.tile_coord_mnkl, args.epi_tile, args.tiled_copy, args.thread_idx);
-        return ConsumerStoreCallbacks<decltype(tCc)>(tCc, params, (int64_t)M, (int64_t)N);
+        return ConsumerStoreCallbacks<decltype(tCc)>(tCc, params, smem, (int64_t)M, (int64_t)N, (int64_t)m * TM,
+                                                     (int64_t)n * TN, args.thread_idx, (int)size(args.tiled_mma));
     }
 };
 
@@ -178,7 +221,7 @@ struct Gemm {
     using Sx = fusion::Sm90ColBroadcast<0, typename Cfg::Tile, float, float, Stride<_1, _0, int64_t>, 1>;
     using Sw = fusion::Sm90RowBroadcast<0, typename Cfg::Tile, float, float, Stride<_0, _1, int64_t>, 1>;
     using Bias = fusion::Sm90RowBroadcast<0, typename Cfg::Tile, float, float, Stride<_0, _1, int64_t>, 1>;
-    using Tree = fusion::Sm90EVT<L8Finish<ElementD>, Sx, Sw, Bias>;
+    using Tree = fusion::Sm90EVT<L8Finish<ElementD, typename Cfg::Tile>, Sx, Sw, Bias>;
 
     using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
         cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, typename Cfg::Tile, typename Cfg::Cluster,
@@ -217,7 +260,7 @@ cudaError_t run(const int8_t *A, const int8_t *W, int m, int n, int kp, const fl
     const typename G::Sx::Arguments a_sx{sx, 0.0f, {_1{}, _0{}, int64_t(0)}};
     const typename G::Sw::Arguments a_sw{sw, 0.0f, {_0{}, _1{}, int64_t(0)}};
     const typename G::Bias::Arguments a_bias{bias, 0.0f, {_0{}, _1{}, int64_t(0)}};
-    const typename L8Finish<ElementD>::Arguments a_fin{O ? *O : l8_outlier_ops{}, bias != nullptr};
+    const typename L8Finish<ElementD, typename Cfg::Tile>::Arguments a_fin{O ? *O : l8_outlier_ops{}, bias != nullptr};
     const typename G::Tree::Arguments tree{a_sx, a_sw, a_bias, a_fin};
     cutlass::KernelHardwareInfo hw;
     hw.device_id = device;
