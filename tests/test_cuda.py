@@ -872,22 +872,24 @@ def test_a_cuda_module_that_cannot_load_makes_cuda_unavailable(tmp_path):
 
 # ====================================================================== graphs and streams
 
-@gpu
-@pytest.mark.parametrize("m", [4, 300])
-def test_forward_captured_in_a_cuda_graph_replays_on_new_input(m):
-    k, n = 256, 192
+def check_graph_replay(m, k=256, n=192):
+    """A forward of m rows captured in a CUDA graph on a created stream, then replayed on new
+    inputs (other values, other outlier columns: the graph recomputes them, the fused paths'
+    block counter and flags included), equals the CPU backend each time. Returns how many
+    sm90 GEMM forwards the capture queued."""
     cpu, dev = make_layers(n, k, 6.0, known=(7, 100))
     s = _cuda._stream_create()
     try:
         lcuda.set_stream(s)
-        x1 = activations(m, k, n_outlier_cols=3, seed=1, dtype=np.float16)
-        xd = lcuda.to_device(x1)
+        xd = lcuda.to_device(activations(m, k, n_outlier_cols=3, seed=1, dtype=np.float16))
         dev.forward(xd, out_dtype=np.float16)  # warm: algorithms and pool on first use
         lcuda.synchronize()
         out = {}
+        before = _cuda._sm90_calls()
         graph = _cuda._graph_capture(lambda: out.__setitem__("y", dev.forward(xd, out_dtype=np.float16)))
+        sm90 = _cuda._sm90_calls() - before
         assert graph.nodes > 0
-        for seed in (2, 3):  # new values, other outlier columns: the graph recomputes them
+        for seed in (2, 3):
             x2 = activations(m, k, n_outlier_cols=5, seed=seed, dtype=np.float16)
             _cuda._copy_into(xd, x2)
             graph.replay()
@@ -898,6 +900,13 @@ def test_forward_captured_in_a_cuda_graph_replays_on_new_input(m):
     finally:
         lcuda.set_stream(0)
         _cuda._stream_destroy(s)
+    return sm90
+
+
+@gpu
+@pytest.mark.parametrize("m", [4, 300])
+def test_forward_captured_in_a_cuda_graph_replays_on_new_input(m):
+    check_graph_replay(m)
 
 
 @gpu
@@ -923,6 +932,21 @@ def test_float32_outliers_beyond_fp16_range_match_cpu(m):
     y = dev.forward(lcuda.to_device(x)).numpy()
     assert np.isfinite(y).all()
     assert_same(y, cpu.forward(x))
+
+
+def check_overflow_raises_like_cpu(m=40, seed=7):
+    """m rows of float16 x make column 4 a dynamic outlier of _overflowing_layer: the device
+    forward raises the CPU's ValueError, word for word. Returns (cpu, dev, x)."""
+    _, cpu = _overflowing_layer("cpu")
+    _, dev = _overflowing_layer("cuda")
+    x = np.random.default_rng(seed).standard_normal((m, 40)).astype(np.float16)
+    x[:, 4] = 20.0
+    with pytest.raises(ValueError) as e_cpu:
+        cpu.forward(x)
+    with pytest.raises(ValueError) as e_dev:
+        dev.forward(lcuda.to_device(x))
+    assert str(e_dev.value) == str(e_cpu.value)
+    return cpu, dev, x
 
 
 def _overflowing_layer(device):
@@ -1079,15 +1103,7 @@ def test_fused_decode_falls_back_when_int8_x_does_not_fit(fused_decode, k):
 @gpu
 @pytest.mark.parametrize("m", [3, 12])
 def test_fused_decode_overflowing_weight_raises_like_cpu(fused_decode, m):
-    _, cpu = _overflowing_layer("cpu")
-    _, dev = _overflowing_layer("cuda")
-    x = np.random.default_rng(m).standard_normal((m, 40)).astype(np.float16)
-    x[:, 4] = 20.0
-    with pytest.raises(ValueError) as e_cpu:
-        cpu.forward(x)
-    with pytest.raises(ValueError) as e_dev:
-        dev.forward(lcuda.to_device(x))
-    assert str(e_dev.value) == str(e_cpu.value)
+    cpu, dev, x = check_overflow_raises_like_cpu(m, seed=m)
     x[:, 4] = 1.0
     assert_same(dev.forward(lcuda.to_device(x)), cpu.forward(x))
 
@@ -1107,27 +1123,7 @@ def test_fused_decode_nonfinite_device_input_stays_in_its_rows(fused_decode):
 @gpu
 @pytest.mark.parametrize("m", [1, 16])
 def test_fused_decode_captured_in_a_cuda_graph(fused_decode, m):
-    k, n = 256, 192
-    cpu, dev = make_layers(n, k, 6.0, known=(7, 100))
-    s = _cuda._stream_create()
-    try:
-        lcuda.set_stream(s)
-        xd = lcuda.to_device(activations(m, k, n_outlier_cols=3, seed=1, dtype=np.float16))
-        dev.forward(xd, out_dtype=np.float16)
-        lcuda.synchronize()
-        out = {}
-        graph = _cuda._graph_capture(lambda: out.__setitem__("y", dev.forward(xd, out_dtype=np.float16)))
-        for seed in (2, 3):
-            x2 = activations(m, k, n_outlier_cols=5, seed=seed, dtype=np.float16)
-            _cuda._copy_into(xd, x2)
-            graph.replay()
-            lcuda.synchronize()
-            np.testing.assert_array_equal(out["y"].numpy(), cpu.forward(x2, out_dtype=np.float16))
-        del graph, out, xd
-        lcuda.synchronize()
-    finally:
-        lcuda.set_stream(0)
-        _cuda._stream_destroy(s)
+    check_graph_replay(m)
 
 
 
@@ -1193,41 +1189,13 @@ def test_fused_prefill_many_dynamic_columns_and_long_inputs(fused_all):
 
 @gpu
 def test_fused_prefill_overflowing_weight_raises_like_cpu(fused_all):
-    _, cpu = _overflowing_layer("cpu")
-    _, dev = _overflowing_layer("cuda")
-    x = np.random.default_rng(7).standard_normal((40, 40)).astype(np.float16)
-    x[:, 4] = 20.0
-    with pytest.raises(ValueError) as e_cpu:
-        cpu.forward(x)
-    with pytest.raises(ValueError) as e_dev:
-        dev.forward(lcuda.to_device(x))
-    assert str(e_dev.value) == str(e_cpu.value)
+    check_overflow_raises_like_cpu()
 
 
 @gpu
 @pytest.mark.parametrize("m", [4, 300])
 def test_fused_paths_captured_in_a_cuda_graph(fused_all, m):
-    k, n = 256, 192
-    cpu, dev = make_layers(n, k, 6.0, known=(7, 100))
-    s = _cuda._stream_create()
-    try:
-        lcuda.set_stream(s)
-        xd = lcuda.to_device(activations(m, k, n_outlier_cols=3, seed=1, dtype=np.float16))
-        dev.forward(xd, out_dtype=np.float16)
-        lcuda.synchronize()
-        out = {}
-        graph = _cuda._graph_capture(lambda: out.__setitem__("y", dev.forward(xd, out_dtype=np.float16)))
-        for seed in (2, 3):  # the block counter and flags are zeroed inside the graph every replay
-            x2 = activations(m, k, n_outlier_cols=5, seed=seed, dtype=np.float16)
-            _cuda._copy_into(xd, x2)
-            graph.replay()
-            lcuda.synchronize()
-            np.testing.assert_array_equal(out["y"].numpy(), cpu.forward(x2, out_dtype=np.float16))
-        del graph, out, xd
-        lcuda.synchronize()
-    finally:
-        lcuda.set_stream(0)
-        _cuda._stream_destroy(s)
+    check_graph_replay(m)
 
 
 # ====================================================================== the sm90 GEMM (Hopper)
@@ -1328,43 +1296,15 @@ def test_sm90_gemm_takes_only_what_it_can_store(sm90_gemm):
 
 @gpu
 def test_sm90_gemm_overflowing_weight_raises_like_cpu(sm90_gemm):
-    _, cpu = _overflowing_layer("cpu")
-    _, dev = _overflowing_layer("cuda")
-    x = np.random.default_rng(7).standard_normal((40, 40)).astype(np.float16)
-    x[:, 4] = 20.0
-    with pytest.raises(ValueError) as e_cpu:
-        cpu.forward(x)
-    with pytest.raises(ValueError) as e_dev:
-        dev.forward(lcuda.to_device(x))
-    assert str(e_dev.value) == str(e_cpu.value)
+    before = _cuda._sm90_calls()
+    check_overflow_raises_like_cpu()
+    assert _cuda._sm90_calls() == before + 1  # the GEMM ran, then the host check raised
 
 
 @gpu
 @pytest.mark.parametrize("m", [40, 300])
 def test_sm90_gemm_captured_in_a_cuda_graph(sm90_gemm, m):
-    k, n = 256, 192
-    cpu, dev = make_layers(n, k, 6.0, known=(7, 100))
-    s = _cuda._stream_create()
-    try:
-        lcuda.set_stream(s)
-        xd = lcuda.to_device(activations(m, k, n_outlier_cols=3, seed=1, dtype=np.float16))
-        dev.forward(xd, out_dtype=np.float16)
-        lcuda.synchronize()
-        out = {}
-        before = _cuda._sm90_calls()
-        graph = _cuda._graph_capture(lambda: out.__setitem__("y", dev.forward(xd, out_dtype=np.float16)))
-        assert _cuda._sm90_calls() == before + 1
-        for seed in (2, 3):
-            x2 = activations(m, k, n_outlier_cols=5, seed=seed, dtype=np.float16)
-            _cuda._copy_into(xd, x2)
-            graph.replay()
-            lcuda.synchronize()
-            np.testing.assert_array_equal(out["y"].numpy(), cpu.forward(x2, out_dtype=np.float16))
-        del graph, out, xd
-        lcuda.synchronize()
-    finally:
-        lcuda.set_stream(0)
-        _cuda._stream_destroy(s)
+    assert check_graph_replay(m) == 1
 
 
 @gpu
