@@ -46,23 +46,23 @@ static __device__ __forceinline__ float outlier_w(const l8_outlier_ops &O, int o
     return O.x_f16 ? round_h(v) : v;
 }
 
-/* The outlier terms of output (i, j), summed from 0 in ascending entry order as
- * l8_outlier_product does. */
+/* The outlier terms of output (i, j) for entries [from, total), added to s in ascending
+ * entry order: l8_outlier_product's order when the sum starts from 0 at entry 0, or goes on
+ * from the entries a caller added itself. */
 template <bool WDIV = false>
-static __device__ __forceinline__ float outlier_sum(const l8_outlier_ops &O, int total, int64_t i, int64_t j,
-                                                    int64_t n) {
-    float s = 0.0f;
-    for (int o = 0; o < total; o++) s = __fadd_rn(s, __fmul_rn(outlier_x(O, i, o), outlier_w<WDIV>(O, o, j, n)));
+static __device__ __forceinline__ float outlier_sum(const l8_outlier_ops &O, int from, int total, int64_t i,
+                                                    int64_t j, int64_t n, float s) {
+    for (int o = from; o < total; o++) s = __fadd_rn(s, __fmul_rn(outlier_x(O, i, o), outlier_w<WDIV>(O, o, j, n)));
     return s;
 }
 
-/* linear_cpu.c's linear_epilogue, operation for operation. */
-static __device__ __forceinline__ float finish(int32_t acc, float sx, float sw, float osum, const float *bias,
-                                               int64_t j) {
+/* linear_cpu.c's linear_epilogue, operation for operation. b: this output's bias, or NULL
+ * (then nothing is added: -0 stays -0). */
+static __device__ __forceinline__ float finish(int32_t acc, float sx, float sw, float osum, const float *b) {
     const float sxi = __fmul_rn(sx, 1.0f / (127.0f * 127.0f));
     float v = __fmul_rn((float)acc, __fmul_rn(sxi, sw));
     v = __fadd_rn(v, osum);
-    if (bias) v = __fadd_rn(v, bias[j]);
+    if (b) v = __fadd_rn(v, *b);
     return v;
 }
 

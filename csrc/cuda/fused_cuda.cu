@@ -44,6 +44,7 @@
 #include <algorithm>
 #include <mutex>
 
+#include "epilogue_cuda.cuh"
 #include "fused_cuda.h"
 #include "gemm_cuda.h"
 
@@ -64,7 +65,6 @@ __device__ __noinline__ int8_t quant_tiny(float v, float s) {
     return clamp127((int)rint((double)v * 127.0 / (double)s)); /* v * 127 is exact in double */
 }
 
-__device__ __forceinline__ float round_h(float v) { return __half2float(__float2half_rn(v)); }
 
 __device__ __forceinline__ void prefetch_l2(const void *p) {
     asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
@@ -315,11 +315,7 @@ fused_decode_kernel(const T *__restrict__ x, const fd_args a) {
                 }
             }
         }
-        /* linear_cpu.c's linear_epilogue */
-        const float sxi = __fmul_rn(__uint_as_float(rmax[i]), 1.0f / (127.0f * 127.0f));
-        float v = __fmul_rn((float)mine, __fmul_rn(sxi, a.wscale[j]));
-        v = __fadd_rn(v, osum);
-        if (a.bias) v = __fadd_rn(v, a.bias[j]);
+        const float v = finish(mine, __uint_as_float(rmax[i]), a.wscale[j], osum, a.bias ? a.bias + j : nullptr);
         if (a.y_f16)
             static_cast<__half *>(a.y)[(int64_t)i * a.n + j] = __float2half_rn(v);
         else

@@ -654,7 +654,7 @@ dequant_kernel(const int32_t *__restrict__ C, int64_t ldc, int64_t m, int64_t n,
 #pragma unroll
         for (int c = 0; c < 4; c++) {
             const int64_t j = j0 + c < n ? j0 + c : n - 1; /* clamped lanes are not stored */
-            v[c] = finish(av[c], sx[i], sw[j], os[r][c], bias, j);
+            v[c] = finish(av[c], sx[i], sw[j], os[r][c], bias ? bias + j : nullptr);
         }
         store4<TY>(y + i * n + j0, v, n - j0, vec);
     }
@@ -726,8 +726,8 @@ gemv_kernel(const int8_t *__restrict__ A, const int8_t *__restrict__ W, int64_t 
 #pragma unroll
         for (int u = 0; u < GV_OUT; u++) osum = __fadd_rn(osum, __fmul_rn(xv[u], wv[u]));
     }
-    for (; o < total; o++) osum = __fadd_rn(osum, __fmul_rn(outlier_x(O, i, o), outlier_w(O, o, j, n)));
-    const float v = finish(mine, sx[i], sw[j], osum, bias, j);
+    osum = outlier_sum(O, o, total, i, j, n, osum);
+    const float v = finish(mine, sx[i], sw[j], osum, bias ? bias + j : nullptr);
     if (y_f16)
         static_cast<__half *>(y)[i * n + j] = __float2half_rn(v);
     else

@@ -155,16 +155,12 @@ struct L8Finish {
                         const int r = (int)(i - row0), c = (int)(j - col0);
                         for (int o = 0; o < staged; o++)
                             osum = __fadd_rn(osum, __fmul_rn(smem->xs[r][o], smem->ws[o][c]));
-                        for (int o = staged; o < total; o++)
-                            osum = __fadd_rn(osum, __fmul_rn(outlier_x(params.O, i, o), outlier_w<true>(params.O, o, j, N)));
+                        osum = outlier_sum<true>(params.O, staged, total, i, j, N, osum);
                     }
                 }
-                const float sxi = __fmul_rn(static_cast<float>(fsx[e]), 1.0f / (127.0f * 127.0f));
-                float v = __fmul_rn(static_cast<float>(static_cast<int32_t>(acc[e])),
-                                    __fmul_rn(sxi, static_cast<float>(fsw[e])));
-                v = __fadd_rn(v, osum);
-                if (params.has_bias) v = __fadd_rn(v, static_cast<float>(fbias[e]));
-                out[e] = to_out<ElementD>(v);
+                const float b = static_cast<float>(fbias[e]);
+                out[e] = to_out<ElementD>(finish(static_cast<int32_t>(acc[e]), static_cast<float>(fsx[e]),
+                                                 static_cast<float>(fsw[e]), osum, params.has_bias ? &b : nullptr));
             }
             return out;
         }
