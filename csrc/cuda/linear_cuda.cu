@@ -92,6 +92,10 @@ struct cuda_impl {
     int32_t *ovf_row;    /* host (k,): the first such row of each column, or -1 */
     double *ovf_val;     /* host (k,): its dequantized value (for the message) */
     float *wdiv;         /* (n,) wscale / 127 for the sm90 GEMM's epilogue; NULL without it or a threshold */
+    /* the device's, read once when the layer is built (the dispatch needs them every call) */
+    int sms;             /* multiprocessors */
+    int smem_optin;      /* a block's shared memory limit, opted in */
+    bool cc90;           /* compute capability 9.0: what the sm_90a cubin runs on */
 };
 
 void free_impl(cuda_impl *c) {
@@ -192,6 +196,14 @@ int cuda_create(l8_layer *L, const l8_weights *w, l8_status *st) {
         goto fail;
     }
     if (l8_cuda_push_device(L->device, &prev, st) < 0) goto fail;
+    {
+        int major = 0, minor = 0;
+        L8_CUDA_CHECK(st, cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, L->device));
+        L8_CUDA_CHECK(st, cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, L->device));
+        L8_CUDA_CHECK(st, cudaDeviceGetAttribute(&c->sms, cudaDevAttrMultiProcessorCount, L->device));
+        L8_CUDA_CHECK(st, cudaDeviceGetAttribute(&c->smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, L->device));
+        c->cc90 = major == 9 && minor == 0;
+    }
     L8_CUDA_CHECK(st, cudaMalloc(&c->wq, (size_t)(np * kp)));
     L8_CUDA_CHECK(st, cudaMalloc(&c->wscale, (size_t)n * sizeof(float)));
     L8_CUDA_CHECK(st, cudaMemcpy(c->wq, hq, (size_t)(np * kp), cudaMemcpyHostToDevice));
@@ -341,43 +353,32 @@ int ovf_error(const l8_layer *L, const cuda_impl *c, int col, l8_status *st) {
 
 /* Whether the one-launch decoding kernel takes this call: selected in the context, few
  * enough rows, and int8 x fits in a block's shared memory on this device. */
-bool fused_decode_fits(const l8_layer *L, const cuda_impl *c, int64_t m, int *sms) {
+bool fused_decode_fits(const l8_layer *L, const cuda_impl *c, int64_t m) {
     if (!(l8_cuda_ctx_fused(c->ctx) & L8_FUSED_DECODE) || m > L8_CUDA_FUSED_MAX_M) return false;
-    int optin = 0;
-    if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, L->device) != cudaSuccess ||
-        cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, L->device) != cudaSuccess) {
-        (void)cudaGetLastError();
-        return false;
-    }
     const size_t smem = l8_fused_decode_smem(m, L->in_features, c->kp);
-    return smem <= (size_t)optin && smem <= L8_FUSED_DECODE_SMEM_MAX;
+    return smem <= (size_t)c->smem_optin && smem <= L8_FUSED_DECODE_SMEM_MAX;
 }
 
+#ifdef LLMINT8_SM90_GEMM
 /* Known outlier columns beyond which a layer keeps the cuBLASLt path: the sm90 GEMM's
- * epilogue sums the outlier terms of every output element itself (m x n x c terms read
- * through L1), which costs more than the int32 round trip it saves once c is large.
+ * epilogue sums the outlier terms of every output element itself (m x n x c terms, past
+ * the first 16 gathered from global memory), which costs more than the int32 round trip
+ * it saves once c is large.
  * Dynamic columns are found on the device, so a call with many of them stays exact
  * there, only slower. */
 constexpr int64_t SM90_MAX_KNOWN = 64;
+#endif
 
 /* Whether the sm90 GEMM takes this call (m > L8_CUDA_GEMV_MAX_M): built, selected in the
  * context, a compute capability 9.0 device, TMA-storable y (16-byte aligned rows) and
  * sizes in CUTLASS's int problem shape. */
-bool sm90_fits(const l8_layer *L, const cuda_impl *c, int64_t m, const void *y, l8_dtype yt, int *sms) {
+bool sm90_fits(const l8_layer *L, const cuda_impl *c, int64_t m, const void *y, l8_dtype yt) {
 #ifdef LLMINT8_SM90_GEMM
-    if (!(l8_cuda_ctx_fused(c->ctx) & L8_FUSED_GEMM) || L->n_outliers > SM90_MAX_KNOWN) return false;
+    if (!c->cc90 || !(l8_cuda_ctx_fused(c->ctx) & L8_FUSED_GEMM) || L->n_outliers > SM90_MAX_KNOWN) return false;
     const int64_t ys = (int64_t)l8_dtype_size(yt), n = L->out_features;
-    if ((uintptr_t)y % 16 != 0 || (n * ys) % 16 != 0 || m > INT_MAX || c->kp > INT_MAX || n > INT_MAX) return false;
-    int major = 0, minor = 0;
-    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, L->device) != cudaSuccess ||
-        cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, L->device) != cudaSuccess ||
-        cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, L->device) != cudaSuccess) {
-        (void)cudaGetLastError();
-        return false;
-    }
-    return major == 9 && minor == 0; /* the sm_90a cubin runs on 9.0 only */
+    return (uintptr_t)y % 16 == 0 && (n * ys) % 16 == 0 && m <= INT_MAX && c->kp <= INT_MAX && n <= INT_MAX;
 #else
-    (void)L, (void)c, (void)m, (void)y, (void)yt, (void)sms;
+    (void)L, (void)c, (void)m, (void)y, (void)yt;
     return false;
 #endif
 }
@@ -385,12 +386,12 @@ bool sm90_fits(const l8_layer *L, const cuda_impl *c, int64_t m, const void *y, 
 /* The forward through the decoding kernel (one launch; with check_ovf, a 4-byte verdict
  * read back with one synchronization, as on the other paths). Device current. */
 int fused_decode_forward(const l8_layer *L, const cuda_impl *c, const void *x, l8_dtype xt, int64_t m, void *y,
-                         l8_dtype yt, bool check_ovf, int sms, cudaStream_t s, l8_status *st) {
+                         l8_dtype yt, bool check_ovf, cudaStream_t s, l8_status *st) {
     int *ovf_dev = nullptr, ovf_col = INT_MAX, rc = -1;
     if (check_ovf && l8_cuda_alloc((void **)&ovf_dev, sizeof(int), s, st) < 0) return -1;
     L8_CUDA_CHECK(st, l8_fused_decode_cuda(x, xt, m, L->in_features, c->kp, c->np, L->out_features, L->threshold,
                                            c->kflag, c->known_pos, c->wq, c->wscale, c->bias, c->wk, y, yt,
-                                           check_ovf ? c->ovf : nullptr, ovf_dev, sms, s));
+                                           check_ovf ? c->ovf : nullptr, ovf_dev, c->sms, s));
     if (check_ovf) {
         L8_CUDA_CHECK(st, cudaMemcpyAsync(&ovf_col, ovf_dev, sizeof(int), cudaMemcpyDeviceToHost, s));
         L8_CUDA_CHECK(st, cudaStreamSynchronize(s));
@@ -432,17 +433,13 @@ extern "C" int l8_cuda_linear_forward(const l8_layer *L, const void *x, l8_dtype
                 "which cannot be done while a CUDA graph is being captured; pass x as float32",
                 first_ovf_column(L, c));
     }
-    {
-        int sms = 0;
-        if (fused_decode_fits(L, c, m, &sms)) {
-            rc = fused_decode_forward(L, c, x, xt, m, y, yt, check_ovf, sms, s, st);
-            l8_cuda_pop_device(prev);
-            return rc;
-        }
+    if (fused_decode_fits(L, c, m)) {
+        rc = fused_decode_forward(L, c, x, xt, m, y, yt, check_ovf, s, st);
+        l8_cuda_pop_device(prev);
+        return rc;
     }
 
-    int sm90_sms = 0;
-    const bool sm90 = !small && sm90_fits(L, c, m, y, yt, &sm90_sms);
+    const bool sm90 = !small && sm90_fits(L, c, m, y, yt);
     carver cv;
     /* xq has the padding rows of the last chunk too: chunks start at multiples of mc, a
      * multiple of 128 when there are several, so they end by gemm_rows(m) */
@@ -517,10 +514,10 @@ extern "C" int l8_cuda_linear_forward(const l8_layer *L, const void *x, l8_dtype
                 const l8_outlier_ops *op = any ? &ops : nullptr;
                 L8_CUDA_CHECK(st, yt == L8_F16 ? l8_gemm_sm90_f16(xq, c->wq, (int)m, (int)n, (int)kp, sx, c->wscale,
                                                                   c->bias, op, static_cast<__half *>(y), L->device,
-                                                                  sm90_sms, s)
+                                                                  c->sms, s)
                                                : l8_gemm_sm90_f32(xq, c->wq, (int)m, (int)n, (int)kp, sx, c->wscale,
                                                                   c->bias, op, static_cast<float *>(y), L->device,
-                                                                  sm90_sms, s));
+                                                                  c->sms, s));
                 l8_cuda_ctx_note_sm90(c->ctx);
             }
 #endif
