@@ -252,7 +252,6 @@ def _tokens_for(model, args, text, ids) -> np.ndarray:
         raise CommandError(str(e)) from None
 
 
-
 def _attention_share(cfg: dict, seq: int) -> float:
     """Share of a block's multiply-adds up to its attention probabilities (q/k/v and q.k^T):
     what the zeroing experiment recomputes per condition and layer."""

@@ -67,7 +67,6 @@ def _fmt_bytes(n: int) -> str:
     return str(n)
 
 
-
 def _needed_modules(model: str) -> list[tuple[str, str]]:
     """(module, purpose) the loader of ``model`` will import, to check before any work."""
     from . import zoo

@@ -8,8 +8,8 @@
 
 Decoding runs the model's key/value-cache runner (see :func:`_decoding_steps`: a GPU model's
 fixed-shape decoder, else ``Model.step`` over a preallocated cache): the prompt in one forward
-pass, then one position per new token. Only the last position's logits come back to the host, where the next token is chosen in
-float64 NumPy:
+pass, then one position per new token. Only the last position's logits come back to the host,
+where the next token is chosen in float64 NumPy:
 
 - greedy (``temperature=0``, the default): the arg max of the logits (the lowest id on a tie);
 - sampling (``temperature > 0``): softmax(logits / temperature), restricted to the ``top_k``
